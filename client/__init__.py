@@ -1,0 +1,1 @@
+"""What runs inside a bank: the Flower ClientApp, DP training, private head and budget."""

@@ -1,0 +1,107 @@
+"""Encoder checkpoints: the shared weights, the schema they expect, and the model shape.
+
+Layout of a checkpoint directory:
+    encoder.npz   the encoder's arrays (numpy, no pickle)
+    schema.json   the feature schema fitted on public data
+    model.json    model config, schema fingerprint and provenance
+All files are written atomically; the schema fingerprint ties weights to their schema.
+"""
+
+import json
+import zipfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic import write_atomically, write_json_atomically
+from common.config import ModelConfig
+from common.errors import CheckpointError
+from common.model import CreditModel, build_model
+from common.schema import FeatureSchema
+from common.shared_weights import load_shared_arrays
+
+ENCODER_FILE = "encoder.npz"
+SCHEMA_FILE = "schema.json"
+MODEL_FILE = "model.json"
+
+
+@dataclass(frozen=True)
+class EncoderCheckpoint:
+    """What a server or a bank needs to rebuild the shared encoder."""
+
+    schema: FeatureSchema
+    model_config: ModelConfig
+    arrays: OrderedDict[str, np.ndarray]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self, seed: int = 0) -> CreditModel:
+        """A model whose encoder holds these weights and whose head is freshly initialised."""
+        model = build_model(self.schema, self.model_config, seed)
+        load_shared_arrays(model, self.arrays)
+        return model
+
+
+def save_encoder_checkpoint(
+    directory: Path,
+    schema: FeatureSchema,
+    model_config: ModelConfig,
+    arrays: OrderedDict[str, np.ndarray],
+    info: dict[str, Any] | None = None,
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    schema.save(directory / SCHEMA_FILE)
+
+    def write_arrays(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+    write_atomically(directory / ENCODER_FILE, write_arrays)
+    meta = {
+        "model_config": asdict(model_config),
+        "schema_fingerprint": schema.fingerprint,
+        "array_order": list(arrays),
+        "info": info or {},
+    }
+    write_json_atomically(directory / MODEL_FILE, meta)
+
+
+def load_encoder_checkpoint(directory: Path) -> EncoderCheckpoint:
+    """Load and cross-check a checkpoint; any problem is one `CheckpointError` naming the file."""
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory}: encoder checkpoint directory not found; run `fedfin pretrain` first"
+        )
+    schema = FeatureSchema.load(directory / SCHEMA_FILE)
+    meta_path = directory / MODEL_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+        raw_config = meta["model_config"]
+        model_config = ModelConfig(
+            hidden_sizes=tuple(raw_config["hidden_sizes"]),
+            max_embedding_dim=raw_config["max_embedding_dim"],
+            head_hidden=raw_config["head_hidden"],
+        )
+        order = list(meta["array_order"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path}: model file not found") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path}: not a valid fedfin model file ({exc})") from None
+    if meta.get("schema_fingerprint") != schema.fingerprint:
+        raise CheckpointError(
+            f"{directory / SCHEMA_FILE}: schema does not belong to this encoder "
+            "(fingerprint mismatch)"
+        )
+    weights_path = directory / ENCODER_FILE
+    try:
+        with np.load(weights_path, allow_pickle=False) as npz:
+            arrays = OrderedDict((key, npz[key]) for key in order)
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights_path}: encoder weights not found") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{weights_path}: corrupt encoder weights ({exc})") from None
+    checkpoint = EncoderCheckpoint(schema, model_config, arrays, dict(meta.get("info", {})))
+    checkpoint.build_model()  # proves the arrays fit this schema and model shape
+    return checkpoint

@@ -1,0 +1,1 @@
+"""The coordinator: source pretraining, the Flower ServerApp and aggregation of encoder updates."""

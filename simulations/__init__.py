@@ -1,0 +1,1 @@
+"""Multi-bank scenarios on Flower's simulation engine, and the `fedfin` command line."""

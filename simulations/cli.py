@@ -1,0 +1,149 @@
+"""The `fedfin` command line: one subcommand per job, one clear line per error.
+
+Any `FedfinError` becomes `fedfin <command>: error: <message>` on stderr and its exit code.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from common.errors import FedfinError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{text}'") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{text}'") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
+        return value
+
+    return parse
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        default="lending-club",
+        help="'lending-club' (built-in real loans, offline), 'synthetic', or a CSV/Parquet path",
+    )
+    parser.add_argument("--label", help="label column (required with a file): 1/bad = default")
+    parser.add_argument(
+        "--positive-label", help="label value meaning default, when it is not 1/True"
+    )
+    parser.add_argument(
+        "--partition-by", help="column whose groups become banks (e.g. a region); else random"
+    )
+    parser.add_argument(
+        "--rows", type=_positive_int("--rows"), default=20_000, help="synthetic data: rows"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for splits and training")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fedfin",
+        description=(
+            "Privacy-preserving federated transfer learning for credit risk. A shared encoder "
+            "is pretrained on public data, then fine-tuned by banks with DP-SGD; each bank "
+            "keeps a private head and an enforced privacy budget."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pre = commands.add_parser(
+        "pretrain",
+        help="train the shared encoder on public/source data (no DP needed: the data is public)",
+        description=(
+            "Fit the feature schema on the public pool, train encoder + source head, and write "
+            "encoder.npz, schema.json, model.json and pretrain_metrics.json to --out."
+        ),
+    )
+    _add_data_flags(pre)
+    pre.add_argument(
+        "--banks",
+        type=_positive_int("--banks"),
+        default=5,
+        help="banks the data is split into (the rest is the public pool)",
+    )
+    pre.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    pre.add_argument("--epochs", type=_positive_int("--epochs"), default=40)
+    pre.add_argument("--lr", type=_positive_float("--lr"), default=3e-3)
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(run=_run_pretrain)
+    return parser
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from common.config import PretrainConfig, SplitConfig
+    from common.sources import load_source
+    from server.pretrain import pretrain
+
+    source = load_source(
+        args.data,
+        args.label,
+        args.partition_by,
+        args.positive_label,
+        synthetic_rows=args.rows,
+        synthetic_banks=args.banks,
+        seed=args.seed,
+    )
+    split = source.split(SplitConfig(num_banks=args.banks, seed=args.seed))
+    result = pretrain(
+        split.public,
+        source.label,
+        source.positive_label,
+        args.out,
+        PretrainConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed),
+        exclude=source.excluded_columns,
+        source=source.name,
+        progress=not args.quiet,
+    )
+    holdout = result.metrics["holdout"]
+    print(
+        f"pretrained on {result.metrics['fit_rows']} public rows: hold-out AUC "
+        f"{holdout['auc']:.4f}, KS {holdout['ks']:.4f} -> {args.out}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except FedfinError as exc:
+        print(f"fedfin {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"fedfin {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
