@@ -78,12 +78,7 @@ def load_encoder_checkpoint(directory: Path) -> EncoderCheckpoint:
     meta_path = directory / MODEL_FILE
     try:
         meta = json.loads(meta_path.read_text())
-        raw_config = meta["model_config"]
-        model_config = ModelConfig(
-            hidden_sizes=tuple(raw_config["hidden_sizes"]),
-            max_embedding_dim=raw_config["max_embedding_dim"],
-            head_hidden=raw_config["head_hidden"],
-        )
+        model_config = ModelConfig.from_dict(meta["model_config"])
         order = list(meta["array_order"])
     except FileNotFoundError:
         raise CheckpointError(f"{meta_path}: model file not found") from None

@@ -5,7 +5,7 @@ ask for (`TrainPlan`): the bank's policy always wins.
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from common.errors import ConfigError
 
@@ -32,6 +32,15 @@ class ModelConfig:
     @property
     def representation_dim(self) -> int:
         return self.hidden_sizes[-1]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """Inverse of `dataclasses.asdict`, for checkpoints and round configs."""
+        return cls(
+            hidden_sizes=tuple(int(h) for h in raw["hidden_sizes"]),
+            max_embedding_dim=int(raw["max_embedding_dim"]),
+            head_hidden=int(raw["head_hidden"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -74,3 +83,79 @@ class PretrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.learning_rate}")
         if not 0.0 < self.holdout_fraction < 0.9:
             raise ConfigError(f"holdout fraction must be in (0, 0.9), got {self.holdout_fraction}")
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """A bank's privacy rules. Set in the bank's node config; the server cannot change them."""
+
+    epsilon_budget: float = 1.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    min_noise_multiplier: float = 0.5
+    accountant: str = "prv"
+    release_num_examples: bool = True
+    release_eval_metrics: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.epsilon_budget < float("inf"):
+            raise ConfigError(f"epsilon-budget must be positive, got {self.epsilon_budget}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if not 0.0 < self.max_grad_norm < float("inf"):
+            raise ConfigError(f"max-grad-norm must be positive, got {self.max_grad_norm}")
+        if not 0.0 < self.min_noise_multiplier < float("inf"):
+            raise ConfigError(
+                f"min-noise-multiplier must be positive (DP cannot be off), "
+                f"got {self.min_noise_multiplier}"
+            )
+        if self.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"accountant must be 'prv' or 'rdp', got '{self.accountant}'")
+
+
+@dataclass(frozen=True)
+class TrainPlanConfig:
+    """What the server asks of each bank per round; the bank checks it against its policy."""
+
+    mode: FineTuneMode = "full"
+    local_epochs: float = 1.0
+    head_epochs: float = 1.0  # fedrep: epochs on the head before the encoder epochs
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINE_TUNE_MODES:
+            raise ConfigError(f"mode must be one of {FINE_TUNE_MODES}, got '{self.mode}'")
+        if not 0.0 < self.local_epochs <= 100 or not 0.0 <= self.head_epochs <= 100:
+            raise ConfigError("local-epochs must be in (0, 100] and head-epochs in [0, 100]")
+        if not 1 <= self.batch_size <= 1_000_000:
+            raise ConfigError(f"batch-size must be positive, got {self.batch_size}")
+        if not 0.0 < self.learning_rate <= 1.0:
+            raise ConfigError(f"learning-rate must be in (0, 1], got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The server's run: rounds, strategy, the bank plan and where checkpoints go."""
+
+    encoder_dir: str = ""
+    out_dir: str = ""
+    num_rounds: int = 3
+    strategy: StrategyName = "fedavg"
+    min_banks: int = 2
+    fraction_train: float = 1.0
+    round_timeout: float = 600.0
+    server_learning_rate: float = 0.05  # fedadam
+    proximal_mu: float = 0.01  # fedprox
+    trim_beta: float = 0.2  # fedtrimmedavg
+    train: TrainPlanConfig = field(default_factory=TrainPlanConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_rounds <= 0:
+            raise ConfigError(f"num-server-rounds must be positive, got {self.num_rounds}")
+        if self.strategy not in STRATEGY_NAMES:
+            raise ConfigError(f"strategy must be one of {STRATEGY_NAMES}, got '{self.strategy}'")
+        if self.min_banks <= 0:
+            raise ConfigError(f"min-banks must be positive, got {self.min_banks}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")

@@ -4,6 +4,7 @@ The public pool is public data, so no privacy budget is spent here. The schema i
 fitted on the pool's training part only, and the reported AUC is on a public hold-out.
 """
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from common.atomic import write_atomically, write_json_atomically
 from common.checkpoint import save_encoder_checkpoint
 from common.config import PretrainConfig
-from common.errors import DataError
+from common.errors import ConfigError, DataError
 from common.metrics import credit_metrics
 from common.model import CreditModel, build_model
 from common.partition import split_train_test
@@ -122,11 +123,17 @@ def _train(
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(target)
-        auc = credit_metrics(holdout.label, predict_proba(model, holdout))["auc"]
-        history.append(
-            {"epoch": epoch + 1, "train_loss": total / len(fit.label), "holdout_auc": auc}
-        )
-        bar.set_postfix(loss=f"{total / len(fit.label):.4f}", holdout_auc=f"{auc:.4f}")
+        train_loss = total / len(fit.label)
+        probabilities = predict_proba(model, holdout)
+        if not (math.isfinite(train_loss) and np.isfinite(probabilities).all()):
+            bar.close()
+            raise ConfigError(
+                f"pretraining diverged in epoch {epoch + 1} (loss or predictions not finite); "
+                "lower --lr"
+            )
+        auc = credit_metrics(holdout.label, probabilities)["auc"]
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "holdout_auc": auc})
+        bar.set_postfix(loss=f"{train_loss:.4f}", holdout_auc=f"{auc:.4f}")
         if auc > best_auc:
             best_auc, best_state, since_best = auc, _copy_state(model), 0
         else:

@@ -1,0 +1,73 @@
+"""A bank's private settings, read from its SuperNode's node config (never from the server).
+
+Deployment: `flower-supernode --node-config "data-path='...' state-dir='...' epsilon-budget=1.0"`.
+Simulation: the simulation gives each virtual SuperNode the same settings, keyed by its
+`partition-id`, through `SimulatedBanks` (see `simulations/`).
+"""
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.config import PrivacyPolicy
+from common.errors import ConfigError
+
+_POLICY_KEYS = {
+    "epsilon-budget": "epsilon_budget",
+    "delta": "delta",
+    "max-grad-norm": "max_grad_norm",
+    "min-noise-multiplier": "min_noise_multiplier",
+    "accountant": "accountant",
+    "release-num-examples": "release_num_examples",
+    "release-eval-metrics": "release_eval_metrics",
+}
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """Where the bank's data and state live, and its privacy policy."""
+
+    name: str
+    data_path: Path
+    state_dir: Path
+    policy: PrivacyPolicy
+    test_fraction: float = 0.25
+    seed: int = 0
+
+
+def settings_from_node_config(node_config: dict[str, Any]) -> BankSettings:
+    """Parse and check the node config; a missing or bad key is one `ConfigError` naming it."""
+    for key in ("data-path", "state-dir"):
+        if not str(node_config.get(key, "")).strip():
+            raise ConfigError(f"node config '{key}' is required (set it with --node-config)")
+    policy_values: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(PrivacyPolicy)}
+    for key, attribute in _POLICY_KEYS.items():
+        if key in node_config:
+            policy_values[attribute] = _coerce(key, node_config[key], types[attribute])
+    state_dir = Path(str(node_config["state-dir"])).expanduser()
+    return BankSettings(
+        name=str(node_config.get("bank-name", state_dir.name)),
+        data_path=Path(str(node_config["data-path"])).expanduser(),
+        state_dir=state_dir,
+        policy=PrivacyPolicy(**policy_values),
+        test_fraction=_coerce("test-fraction", node_config.get("test-fraction", 0.25), float),
+        seed=_coerce("seed", node_config.get("seed", 0), int),
+    )
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    if kind in (bool, "bool"):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"node config '{key}' must be true or false, got '{value}'")
+    if kind in (str, "str"):
+        return str(value)
+    try:
+        return float(value) if kind in (float, "float") else int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"node config '{key}' must be a number, got '{value}'") from None

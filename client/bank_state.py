@@ -1,0 +1,100 @@
+"""Everything a bank keeps between rounds, runs and restarts, in its state directory.
+
+    ledger.jsonl   every release (the accountant's history; see common/ledger.py)
+    head.npz       the private head: it never leaves the bank
+    head.json      which schema and model shape the head belongs to
+    plan.json      the noise multiplier calibrated for the current run
+`context.state` is lost when a run ends or a SuperNode restarts; this directory is not.
+"""
+
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomic import write_atomically, write_json_atomically
+from common.errors import CheckpointError, ConfigError
+from common.ledger import PrivacyLedger
+from common.model import CreditModel
+
+HEAD_FILE = "head.npz"
+HEAD_META_FILE = "head.json"
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The noise calibrated for one run, reused while its inputs are unchanged."""
+
+    run_id: int
+    sample_rate: float
+    steps_per_round: int
+    num_rounds: int
+    noise_multiplier: float
+
+
+class BankState:
+    """The bank's state directory: private head, ledger and noise plan."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state-dir {state_dir}: cannot create ({exc.strerror})") from None
+        if not os.access(state_dir, os.W_OK):
+            raise ConfigError(f"state-dir {state_dir}: not writable")
+        self.ledger = PrivacyLedger(state_dir)
+
+    @property
+    def head_path(self) -> Path:
+        return self.dir / HEAD_FILE
+
+    def has_head(self) -> bool:
+        return self.head_path.exists()
+
+    def load_head(self, model: CreditModel, fingerprint: str) -> None:
+        """Load the private head into `model`; refuse a head made for another schema."""
+        meta_path = self.dir / HEAD_META_FILE
+        try:
+            meta = json.loads(meta_path.read_text())
+            with np.load(self.head_path, allow_pickle=False) as npz:
+                state = {key: torch.from_numpy(npz[key].copy()) for key in npz.files}
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{exc.filename}: private head file missing") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise CheckpointError(f"{self.head_path}: corrupt private head ({exc})") from None
+        if meta.get("schema_fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"{self.head_path}: private head belongs to another encoder schema; "
+                "move it away to start a new head"
+            )
+        try:
+            model.head.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise CheckpointError(f"{self.head_path}: head does not fit the model ({first})") from None
+
+    def save_head(self, model: CreditModel, fingerprint: str) -> None:
+        arrays = {k: v.detach().cpu().numpy() for k, v in model.head.state_dict().items()}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)  # type: ignore[arg-type]
+
+        write_atomically(self.head_path, write)
+        write_json_atomically(self.dir / HEAD_META_FILE, {"schema_fingerprint": fingerprint})
+
+    def noise_plan(self) -> NoisePlan | None:
+        path = self.dir / PLAN_FILE
+        try:
+            return NoisePlan(**json.loads(path.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None  # recalibrate: the plan is a cache, the ledger is the record
+
+    def save_noise_plan(self, plan: NoisePlan) -> None:
+        write_json_atomically(self.dir / PLAN_FILE, asdict(plan))

@@ -1,0 +1,121 @@
+"""Budget enforcement: decide, before any training, how much DP training a round may do.
+
+The noise multiplier is calibrated (with the tight PRV accountant) so that the run's
+remaining planned rounds fit what is left of the budget, never below the policy's floor.
+Then the round's steps are trimmed to what still fits; if nothing fits, the round is
+declined. Whatever the server asks, cumulative ε never passes `epsilon-budget`.
+"""
+
+import math
+from dataclasses import dataclass
+
+from client.bank_state import BankState, NoisePlan
+from client.dp_training import DpStepPlan
+from common.accounting import (
+    DpEvent,
+    calibrate_noise_multiplier,
+    epsilon_spent,
+    max_steps_within_budget,
+    sample_rate_for,
+)
+from common.config import PrivacyPolicy
+from common.errors import PrivacyBudgetError
+from common.protocol import RoundInstructions
+
+
+@dataclass(frozen=True)
+class ApprovedRound:
+    plan: DpStepPlan
+    past: list[DpEvent]
+    epsilon_before: float
+    epsilon_after: float
+    trimmed: bool
+
+
+def approve_round(
+    state: BankState,
+    policy: PrivacyPolicy,
+    instructions: RoundInstructions,
+    num_examples: int,
+    run_id: int,
+) -> ApprovedRound:
+    """The DP plan for this round, or `PrivacyBudgetError` when no step fits the budget."""
+    past = state.ledger.dp_events()
+    spent = epsilon_spent(past, policy.delta, policy.accountant)
+    if spent >= policy.epsilon_budget:
+        raise PrivacyBudgetError(
+            f"budget spent: ε={spent:.4f} of {policy.epsilon_budget} (δ={policy.delta})"
+        )
+    request = instructions.plan
+    batch_size = min(request.batch_size, num_examples)
+    q = sample_rate_for(num_examples, batch_size)
+    encoder_steps = max(1, math.ceil(request.local_epochs / q))
+    head_steps = math.ceil(request.head_epochs / q) if request.mode == "fedrep" else 0
+    per_round = encoder_steps + head_steps
+    remaining_rounds = instructions.num_rounds - instructions.server_round + 1
+
+    sigma = _noise_multiplier(state, policy, past, run_id, q, per_round, remaining_rounds)
+    if sigma is None:
+        raise PrivacyBudgetError(
+            f"budget nearly spent: ε={spent:.4f} of {policy.epsilon_budget}; "
+            "not even one step fits at the largest noise"
+        )
+    requested = DpEvent(sigma, q, per_round, policy.max_grad_norm)
+    allowed = max_steps_within_budget(
+        past, requested, policy.delta, policy.epsilon_budget, policy.accountant
+    )
+    if allowed == 0:
+        raise PrivacyBudgetError(
+            f"budget nearly spent: ε={spent:.4f} of {policy.epsilon_budget}; no step fits"
+        )
+    if allowed < per_round:  # keep fedrep's head/encoder proportion
+        head_steps = head_steps * allowed // per_round
+        encoder_steps = allowed - head_steps
+    plan = DpStepPlan(
+        mode=request.mode,
+        noise_multiplier=sigma,
+        max_grad_norm=policy.max_grad_norm,
+        batch_size=batch_size,
+        sample_rate=q,
+        learning_rate=request.learning_rate,
+        head_steps=head_steps,
+        steps=encoder_steps,
+    )
+    after = epsilon_spent([*past, plan.event()], policy.delta, policy.accountant)
+    return ApprovedRound(plan, past, spent, after, trimmed=allowed < per_round)
+
+
+def _noise_multiplier(
+    state: BankState,
+    policy: PrivacyPolicy,
+    past: list[DpEvent],
+    run_id: int,
+    sample_rate: float,
+    steps_per_round: int,
+    remaining_rounds: int,
+) -> float | None:
+    cached = state.noise_plan()
+    if (
+        cached is not None
+        and cached.run_id == run_id
+        and cached.sample_rate == sample_rate
+        and cached.steps_per_round == steps_per_round
+        and cached.noise_multiplier >= policy.min_noise_multiplier
+    ):
+        return cached.noise_multiplier
+    sigma = calibrate_noise_multiplier(
+        past,
+        sample_rate,
+        steps_per_round,
+        remaining_rounds,
+        policy.delta,
+        policy.epsilon_budget,
+        policy.min_noise_multiplier,
+        policy.max_grad_norm,
+        accountant=policy.accountant,
+    )
+    if sigma is not None:
+        state.save_noise_plan(
+            NoisePlan(run_id, sample_rate, steps_per_round, remaining_rounds, sigma)
+        )
+    return sigma

@@ -1,0 +1,145 @@
+"""The bank's privacy ledger: one JSON line per release, each carrying the hash of the one before.
+
+It is append-only and tamper-evident: altering, deleting or reordering a line breaks the
+chain. Each entry is written, flushed and fsync'ed before the reply leaves the bank, so
+the ledger never shows less than what was sent. A crash mid-append leaves a partial last
+line; readers ignore it and the next append removes it (that release was never sent).
+
+The ledger is also the bank's accountant state: the DP events of all entries are the
+history from which cumulative ε is computed, across rounds, runs and restarts.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.accounting import DpEvent
+from common.errors import LedgerError
+
+LEDGER_FILE = "ledger.jsonl"
+GENESIS_HASH = "0" * 64
+UNIT_OF_PRIVACY = "one record (one loan) of this bank"
+NEIGHBOURING_RELATION = "add/remove one record (Poisson subsampling)"
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 of the entry's canonical JSON without its own `hash` field."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+def canonical_json(payload: Any) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def events_of(entry: dict[str, Any]) -> list[DpEvent]:
+    return [DpEvent(**event) for event in entry.get("dp_events", [])]
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    """The result of verifying a ledger's hash chain."""
+
+    entries: list[dict[str, Any]]
+    problems: list[str] = field(default_factory=list)
+    partial_tail: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_lines(raw: bytes, source: str) -> ChainCheck:
+    """Parse and verify every whole line; report each break with its line number."""
+    text = raw.decode("utf-8", errors="replace")
+    partial_tail = bool(text) and not text.endswith("\n")
+    lines = text.split("\n")[:-1]  # drop the partial tail (or the empty string after "\n")
+    entries: list[dict[str, Any]] = []
+    problems: list[str] = []
+    previous = GENESIS_HASH
+    for number, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            problems.append(f"{source}: line {number} is not a JSON object")
+            previous = ""
+            continue
+        if entry.get("prev_hash") != previous:
+            problems.append(f"{source}: line {number} does not follow line {number - 1} (chain broken)")
+        if entry.get("hash") != entry_hash(entry):
+            problems.append(f"{source}: line {number} was altered (hash mismatch)")
+        if entry.get("seq") != number:
+            problems.append(f"{source}: line {number} has sequence {entry.get('seq')} (reordered or deleted)")
+        previous = str(entry.get("hash", ""))
+        entries.append(entry)
+    return ChainCheck(entries=entries, problems=problems, partial_tail=partial_tail)
+
+
+class PrivacyLedger:
+    """Append-only, hash-chained JSON-lines ledger in a bank's state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LEDGER_FILE
+
+    def check(self) -> ChainCheck:
+        if not self.path.exists():
+            return ChainCheck(entries=[])
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot read ledger ({exc.strerror})") from None
+        return verify_lines(raw, str(self.path))
+
+    def entries(self) -> list[dict[str, Any]]:
+        """All whole entries, after verifying the chain; a broken chain is an error."""
+        result = self.check()
+        if not result.ok:
+            raise LedgerError(result.problems[0])
+        return result.entries
+
+    def dp_events(self) -> list[DpEvent]:
+        """Every DP event ever released by this bank: the accountant's history."""
+        return [event for entry in self.entries() for event in events_of(entry)]
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Chain `record` to the last entry, write it, flush and fsync; return the entry."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked() as handle:
+            raw = handle.read()
+            if raw and not raw.endswith(b"\n"):  # a release interrupted before it was sent
+                cut = raw.rfind(b"\n") + 1
+                handle.truncate(cut)
+                raw = raw[:cut]
+            check = verify_lines(raw, str(self.path))
+            if not check.ok:
+                raise LedgerError(check.problems[0])
+            previous = check.entries[-1]["hash"] if check.entries else GENESIS_HASH
+            entry = {**record, "seq": len(check.entries) + 1, "prev_hash": previous}
+            entry["hash"] = entry_hash(entry)
+            handle.seek(0, os.SEEK_END)
+            handle.write((canonical_json(entry) + "\n").encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        return entry
+
+    @contextmanager
+    def _locked(self) -> Iterator[Any]:
+        try:
+            handle = open(self.path, "a+b")  # noqa: SIM115 - closed below, after unlocking
+        except OSError as exc:
+            raise LedgerError(f"{self.path}: cannot open ledger for writing ({exc.strerror})") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            handle.seek(0)
+            yield handle
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()

@@ -1,0 +1,123 @@
+"""The federation loop: R rounds of DP fine-tuning over the shared encoder.
+
+Each round: send the global encoder (and the public source head, to start new private
+heads) to the banks, aggregate the encoder updates of the banks that accepted, ask every
+bank to evaluate the new encoder with its private head, then write the global encoder
+checkpoint and the round's summary before the next round starts.
+"""
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from common.atomic import write_json_atomically
+from common.checkpoint import EncoderCheckpoint, save_encoder_checkpoint
+from common.config import FederationConfig
+from common.protocol import METRICS, NUM_EXAMPLES, SOURCE_HEAD, RoundInstructions
+from common.shared_weights import from_array_record, to_array_record
+from server.round_summary import RoundSummary, note_evaluate_reply, note_train_reply
+from server.strategy import WEIGHT_KEY, build_strategy
+
+log = logging.getLogger("fedfin.server")
+ROUNDS_DIR = "global"
+ROUNDS_FILE = "rounds.jsonl"
+FINAL_DIR = "final"
+
+
+def round_dir(out_dir: Path, server_round: int) -> Path:
+    return out_dir / ROUNDS_DIR / f"round-{server_round:03d}"
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    final_arrays: OrderedDict[str, np.ndarray]
+    rounds: list[dict[str, Any]]
+
+
+def run_federation(
+    grid: Grid,
+    config: FederationConfig,
+    start: EncoderCheckpoint,
+    source_head: OrderedDict[str, np.ndarray] | None,
+    out_dir: Path,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> FederationResult:
+    """Run `config.num_rounds` rounds; checkpoint and summarise after each."""
+    strategy = build_strategy(config)
+    arrays: ArrayRecord = to_array_record(start.arrays)
+    head_record = to_array_record(source_head) if source_head else None
+    save_encoder_checkpoint(
+        round_dir(out_dir, 0), start.schema, start.model_config, start.arrays, {"round": 0}
+    )
+    rounds: list[dict[str, Any]] = []
+    for server_round in range(1, config.num_rounds + 1):
+        started = time.perf_counter()
+        instructions = RoundInstructions(
+            server_round, config.num_rounds, config.train, start.schema, start.model_config
+        )
+        round_config = ConfigRecord(instructions.to_config())
+        summary = RoundSummary(server_round, banks={}, aggregated=False)
+
+        messages = list(strategy.configure_train(server_round, arrays, round_config, grid))
+        for message in messages:
+            if head_record is not None:
+                message.content[SOURCE_HEAD] = head_record
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+        accepted = [m for m in replies if note_train_reply(summary, m)]
+        if len(accepted) >= config.min_banks:
+            _set_weights(accepted)
+            new_arrays, _ = strategy.aggregate_train(server_round, accepted)
+            if new_arrays is not None:
+                arrays = new_arrays
+                summary.aggregated = True
+        else:
+            log.warning(
+                "round %d: only %d bank(s) accepted (minimum %d); the encoder is unchanged",
+                server_round, len(accepted), config.min_banks,
+            )
+
+        evaluation = strategy.configure_evaluate(
+            server_round, arrays, ConfigRecord(instructions.to_config()), grid
+        )
+        for reply in grid.send_and_receive(evaluation, timeout=config.round_timeout):
+            note_evaluate_reply(summary, reply)
+
+        summary.seconds = time.perf_counter() - started
+        record = summary.as_dict()
+        save_encoder_checkpoint(
+            round_dir(out_dir, server_round),
+            start.schema,
+            start.model_config,
+            from_array_record(arrays),
+            {"round": server_round, "summary": record},
+        )
+        with open(out_dir / ROUNDS_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        rounds.append(record)
+        if on_round is not None:
+            on_round(record)
+
+    final = from_array_record(arrays)
+    save_encoder_checkpoint(
+        out_dir / FINAL_DIR, start.schema, start.model_config, final,
+        {"rounds": config.num_rounds, "strategy": config.strategy},
+    )
+    write_json_atomically(out_dir / "federation.json", {"rounds": rounds})
+    return FederationResult(final_arrays=final, rounds=rounds)
+
+
+def _set_weights(accepted: list[Message]) -> None:
+    """Weight by released example counts, or uniformly if any bank withholds its count."""
+    counts = [m.content[METRICS].get(NUM_EXAMPLES) for m in accepted]
+    uniform = any(c is None or float(c) <= 0 for c in counts)  # type: ignore[arg-type]
+    for message, count in zip(accepted, counts, strict=True):
+        message.content[METRICS][WEIGHT_KEY] = 1.0 if uniform else float(count)  # type: ignore[arg-type]
