@@ -77,14 +77,16 @@ class BankState:
             model.head.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
-            raise CheckpointError(f"{self.head_path}: head does not fit the model ({first})") from None
+            raise CheckpointError(
+                f"{self.head_path}: head does not fit the model ({first})"
+            ) from None
 
     def save_head(self, model: CreditModel, fingerprint: str) -> None:
         arrays = {k: v.detach().cpu().numpy() for k, v in model.head.state_dict().items()}
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)  # type: ignore[arg-type]
+                np.savez(handle, **arrays)
 
         write_atomically(self.head_path, write)
         write_json_atomically(self.dir / HEAD_META_FILE, {"schema_fingerprint": fingerprint})

@@ -65,7 +65,10 @@ def _load_public_head(model: CreditModel, source_head: Mapping[str, np.ndarray])
         log.warning("ignoring a source head that does not fit this model")
         return
     model.head.load_state_dict(
-        {k: torch.from_numpy(np.asarray(v, dtype=np.float32).copy()) for k, v in source_head.items()}
+        {
+            k: torch.from_numpy(np.asarray(v, dtype=np.float32).copy())
+            for k, v in source_head.items()
+        }
     )
 
 
@@ -103,14 +106,26 @@ def train_round(
     if policy.release_num_examples:
         metrics[NUM_EXAMPLES] = len(train.numeric)
     record_release(
-        state, settings, run_id, instructions.server_round, "train", released, cumulative,
-        arrays, metrics,
+        state,
+        settings,
+        run_id,
+        instructions.server_round,
+        "train",
+        released,
+        cumulative,
+        arrays,
+        metrics,
     )
     log.info(
         "%s round %d: %d DP steps, σ=%.3f, ε %.4f -> %.4f of %.4f%s",
-        settings.name, instructions.server_round, approved.plan.total_steps,
-        approved.plan.noise_multiplier, approved.epsilon_before, cumulative,
-        policy.epsilon_budget, " (trimmed to fit the budget)" if approved.trimmed else "",
+        settings.name,
+        instructions.server_round,
+        approved.plan.total_steps,
+        approved.plan.noise_multiplier,
+        approved.epsilon_before,
+        cumulative,
+        policy.epsilon_budget,
+        " (trimmed to fit the budget)" if approved.trimmed else "",
     )
     return BankReply(arrays=arrays, metrics=metrics)
 
@@ -128,7 +143,9 @@ def evaluate_round(
         settings.data_path, instructions.schema, settings.test_fraction, settings.seed
     )
     if not state.has_head():
-        raise PrivacyBudgetError("no private head yet: this bank has not trained in this federation")
+        raise PrivacyBudgetError(
+            "no private head yet: this bank has not trained in this federation"
+        )
     model = _model_for(settings, state, instructions, encoder, None)
     spent = epsilon_spent(state.ledger.dp_events(), policy.delta, policy.accountant)
     metrics: dict[str, float | int] = {EPSILON: spent}

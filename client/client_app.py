@@ -7,14 +7,18 @@ never put in a reply; the reply is recorded in the ledger before it is returned.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecordValues as ConfigValue
+from flwr.app import MetricRecordValues as MetricValue
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from client.bank_settings import BankSettings, settings_from_node_config
 from client.bank_worker import BankReply, evaluate_round, train_round
+from client.release_guard import release_guard
 from common.errors import FedfinError, PrivacyBudgetError
 from common.protocol import (
     ARRAYS,
@@ -48,10 +52,16 @@ def declined_reason(exc: Exception) -> str:
 
 
 def build_client_app(
-    resolve_settings: SettingsResolver = settings_from_context, torch_threads: int | None = None
+    resolve_settings: SettingsResolver = settings_from_context,
+    torch_threads: int | None = None,
+    mods: Sequence[Mod] = (),
 ) -> ClientApp:
-    """A ClientApp whose bank settings come from `resolve_settings` (node config by default)."""
-    app = ClientApp()
+    """A ClientApp whose bank settings come from `resolve_settings` (node config by default).
+
+    `release_guard` always wraps the handlers, innermost, so that extra `mods` (e.g. for
+    logging or measuring) see exactly what leaves the bank.
+    """
+    app = ClientApp(mods=[*mods, release_guard])
 
     def handle(message: Message, context: Context, train: bool) -> Message:
         if torch_threads:
@@ -60,13 +70,15 @@ def build_client_app(
         try:
             settings = resolve_settings(context)
             name = settings.name
-            instructions = RoundInstructions.from_config(dict(message.content[CONFIG]))
-            encoder = from_array_record(message.content[ARRAYS])
+            instructions = RoundInstructions.from_config(
+                dict(message.content.config_records[CONFIG])
+            )
+            encoder = from_array_record(message.content.array_records[ARRAYS])
             run_id = message.metadata.run_id
             reply: BankReply
             if train:
                 source_head = (
-                    from_array_record(message.content[SOURCE_HEAD])
+                    from_array_record(message.content.array_records[SOURCE_HEAD])
                     if SOURCE_HEAD in message.content.array_records
                     else None
                 )
@@ -78,11 +90,15 @@ def build_client_app(
                 log.warning("%s declined %s: %s", name, message.metadata.message_type, exc)
             else:
                 log.exception("%s failed on %s", name, message.metadata.message_type)
-            status = {"status": STATUS_DECLINED, "bank": name, "reason": declined_reason(exc)}
+            status: dict[str, ConfigValue] = {
+                "status": STATUS_DECLINED,
+                "bank": name,
+                "reason": declined_reason(exc),
+            }
             return Message(RecordDict({STATUS: ConfigRecord(status)}), reply_to=message)
         content = RecordDict(
             {
-                METRICS: MetricRecord(reply.metrics),
+                METRICS: MetricRecord(dict[str, MetricValue](reply.metrics)),
                 STATUS: ConfigRecord({"status": STATUS_OK, "bank": name}),
             }
         )

@@ -41,7 +41,9 @@ class DpStepPlan:
         return self.head_steps + self.steps
 
     def event(self) -> DpEvent:
-        return DpEvent(self.noise_multiplier, self.sample_rate, self.total_steps, self.max_grad_norm)
+        return DpEvent(
+            self.noise_multiplier, self.sample_rate, self.total_steps, self.max_grad_norm
+        )
 
 
 def train_with_dp(
@@ -71,7 +73,7 @@ def _run_phase(
     engine: PrivacyEngine,
     model: CreditModel,
     trainable: nn.Module,
-    dataset: torch.utils.data.Dataset,  # type: ignore[type-arg]
+    dataset: torch.utils.data.Dataset,
     plan: DpStepPlan,
     steps: int,
 ) -> None:
@@ -94,19 +96,17 @@ def _run_phase(
         grad_sample_mode=GRAD_SAMPLE_MODE,
     )
     private_model.train()
-    done = 0
-    for numeric, categorical, target in _forever(dp_loader):
-        if done >= steps:
-            break
+    batches = _forever(dp_loader)
+    for _ in range(steps):
+        numeric, categorical, target = next(batches)
         dp_optimizer.zero_grad()
         loss = criterion(private_model(numeric, categorical), target)
         loss.backward()
         dp_optimizer.step()
-        done += 1
     dp_optimizer.zero_grad()
     private_model.to_standard_module()
 
 
-def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:  # type: ignore[type-arg]
+def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
     while True:
         yield from loader

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from common.errors import FedfinError
+from common.config import FINE_TUNE_MODES, STRATEGY_NAMES
+from common.errors import ConfigError, FedfinError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +28,19 @@ def _positive_int(flag: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{text}'") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{flag} must be positive, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{text}'") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be 0 or more, got {value}")
         return value
 
     return parse
@@ -61,7 +75,9 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rows", type=_positive_int("--rows"), default=20_000, help="synthetic data: rows"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for splits and training")
+    parser.add_argument(
+        "--seed", type=_non_negative_int("--seed"), default=0, help="seed for splits and training"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +111,106 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--lr", type=_positive_float("--lr"), default=3e-3)
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(run=_run_pretrain)
+
+    sim = commands.add_parser(
+        "simulate",
+        help="simulate N banks federating with DP on Flower's simulation engine, then audit",
+        description=(
+            "Pretrain the shared encoder if needed, split the data into banks, and run R rounds "
+            "of federated DP fine-tuning (each bank: private head, enforced ε budget, ledger). "
+            "Prints progress per round and a table per bank; writes report.json to --out."
+        ),
+    )
+    _add_data_flags(sim)
+    sim.add_argument("--banks", type=_positive_int("--banks"), default=5, help="number of banks")
+    sim.add_argument("--rounds", type=_positive_int("--rounds"), default=5, help="server rounds")
+    sim.add_argument(
+        "--epsilon",
+        type=_positive_float("--epsilon"),
+        default=1.0,
+        help="each bank's ε budget (whole life of its state dir)",
+    )
+    sim.add_argument("--delta", type=_probability("--delta"), default=1e-5, help="each bank's δ")
+    sim.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0)
+    sim.add_argument(
+        "--min-noise",
+        type=_positive_float("--min-noise"),
+        default=0.5,
+        help="the banks' floor on the noise multiplier",
+    )
+    sim.add_argument("--strategy", choices=STRATEGY_NAMES, default="fedavg")
+    sim.add_argument(
+        "--mode",
+        choices=FINE_TUNE_MODES,
+        default="full",
+        help="full: encoder + head each step; fedrep: head steps, then encoder steps",
+    )
+    sim.add_argument("--local-epochs", type=_positive_float("--local-epochs"), default=1.0)
+    sim.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    sim.add_argument("--lr", type=_positive_float("--lr"), default=2e-3)
+    sim.add_argument("--encoder", type=Path, help="pretrained encoder dir (default: pretrain)")
+    sim.add_argument("--out", type=Path, required=True, help="run directory (reuse to continue)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's log")
+    sim.set_defaults(run=_run_simulate)
     return parser
+
+
+def _probability(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{text}'") from None
+        if not 0.0 < value < 1.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be in (0, 1), got {text}")
+        return value
+
+    return parse
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
+    from common.sources import load_source
+    from simulations.report_table import bank_table
+    from simulations.simulate import SimulationRequest, simulate
+
+    source = load_source(
+        args.data,
+        args.label,
+        args.partition_by,
+        args.positive_label,
+        synthetic_rows=args.rows,
+        synthetic_banks=args.banks,
+        seed=args.seed,
+    )
+    request = SimulationRequest(
+        source=source,
+        split=SplitConfig(num_banks=args.banks, seed=args.seed),
+        federation=FederationConfig(
+            num_rounds=args.rounds,
+            strategy=args.strategy,
+            min_banks=min(2, args.banks),
+            train=TrainPlanConfig(
+                mode=args.mode,
+                local_epochs=args.local_epochs,
+                batch_size=args.batch_size,
+                learning_rate=args.lr,
+            ),
+        ),
+        policy=PrivacyPolicy(
+            epsilon_budget=args.epsilon,
+            delta=args.delta,
+            max_grad_norm=args.max_grad_norm,
+            min_noise_multiplier=args.min_noise,
+        ),
+        out_dir=args.out,
+        encoder_dir=args.encoder,
+        verbose=args.verbose,
+    )
+    report = simulate(request)
+    print(bank_table(report))
+    print(f"report: {args.out / 'report.json'}")
+    return 0
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
@@ -103,6 +218,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from common.sources import load_source
     from server.pretrain import pretrain
 
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: exists and is not a directory")
     source = load_source(
         args.data,
         args.label,
@@ -140,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedfinError as exc:
         print(f"fedfin {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # e.g. --out not writable: the system's reason, in one line
+        print(f"fedfin {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"fedfin {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -21,7 +21,9 @@ def bank_table(report: dict[str, Any]) -> str:
         )
         for name, bank in report["per_bank"].items()
     ]
-    aucs = [b["auc_federated"] for b in report["per_bank"].values() if b["auc_federated"] is not None]
+    aucs = [
+        b["auc_federated"] for b in report["per_bank"].values() if b["auc_federated"] is not None
+    ]
     before = [b["auc_public_model"] for b in report["per_bank"].values()]
     rows.append(
         (

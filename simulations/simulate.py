@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flwr.clientapp.typing import Mod
 
 from common.atomic import write_json_atomically
 from common.checkpoint import load_encoder_checkpoint
@@ -44,8 +46,9 @@ class SimulationRequest:
     policy: PrivacyPolicy
     out_dir: Path
     encoder_dir: Path | None = None
-    pretrain: PretrainConfig = PretrainConfig()
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     verbose: bool = False
+    client_mods: tuple[Mod, ...] = ()  # extra Flower client mods, e.g. to record replies
 
 
 def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
@@ -73,8 +76,12 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
     epsilon_at_start = {b.name: _ledger_epsilon(b.state_dir, request.policy) for b in banks.banks}
 
     federation = FederationConfig(
-        **{**asdict(request.federation), "train": request.federation.train,
-           "encoder_dir": str(encoder_dir), "out_dir": str(out)}
+        **{
+            **asdict(request.federation),
+            "train": request.federation.train,
+            "encoder_dir": str(encoder_dir),
+            "out_dir": str(out),
+        }
     )
     echo(
         f"federating {len(banks.banks)} banks for {federation.num_rounds} rounds "
@@ -88,7 +95,7 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
         echo(_round_line(summary, federation.num_rounds))
 
     started = time.perf_counter()
-    _run_flower_simulation(federation, banks, on_round, request.verbose)
+    _run_flower_simulation(federation, banks, on_round, request)
     if len(rounds) != federation.num_rounds:
         raise FedfinError(
             f"the simulation stopped after {len(rounds)} of {federation.num_rounds} rounds; "
@@ -117,18 +124,20 @@ def public_model_metrics(encoder_dir: Path, split: FederatedSplit) -> dict[str, 
 
 
 def _run_flower_simulation(
-    federation: FederationConfig, banks: SimulatedBanks, on_round: Any, verbose: bool
+    federation: FederationConfig, banks: SimulatedBanks, on_round: Any, request: SimulationRequest
 ) -> None:
     from flwr.simulation import run_simulation
 
     from client.client_app import build_client_app
 
+    verbose = request.verbose
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # incl. run_simulation's deprecation
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cpus = os.cpu_count() or 1
     run_simulation(
         server_app=build_server_app(federation, on_round),
-        client_app=build_client_app(banks, torch_threads=1),
+        client_app=build_client_app(banks, torch_threads=1, mods=request.client_mods),
         num_supernodes=len(banks.banks),
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -223,5 +232,3 @@ def _check_manifest(out: Path, request: SimulationRequest) -> None:
             )
         return
     write_json_atomically(path, manifest)
-
-

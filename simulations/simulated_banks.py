@@ -26,7 +26,7 @@ class SimulatedBanks:
 
     def __call__(self, context: Context) -> BankSettings:
         try:
-            partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
+            partition = int(context.node_config["partition-id"])
             return self.banks[partition]
         except (KeyError, IndexError, ValueError):
             raise ConfigError(
