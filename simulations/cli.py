@@ -151,8 +151,48 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--encoder", type=Path, help="pretrained encoder dir (default: pretrain)")
     sim.add_argument("--out", type=Path, required=True, help="run directory (reuse to continue)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's log")
+    sim.add_argument("--no-audit", action="store_true", help="skip the audit at the end")
     sim.set_defaults(run=_run_simulate)
+
+    audit = commands.add_parser(
+        "audit",
+        help="verify banks' privacy ledgers and recompute ε with an independent accountant",
+        description=(
+            "Verify each ledger's hash chain, recompute cumulative ε from the recorded DP events "
+            "with dp-accounting (PLD and RDP), and report releases, ε, δ, budget and what "
+            "remains per bank. Exits 5 if a chain is broken, 4 if a recorded ε is understated "
+            "or a budget is exceeded."
+        ),
+    )
+    audit.add_argument("path", type=Path, help="a bank's state dir, or a run dir (all banks)")
+    audit.add_argument("--json", type=Path, help="also write the audit as JSON to this file")
+    audit.add_argument(
+        "--plot", type=Path, help="PNG of cumulative ε per bank (default: PATH/privacy-audit.png)"
+    )
+    audit.set_defaults(run=_run_audit)
     return parser
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from common.audit import audit_path
+    from common.errors import LedgerError, PrivacyBudgetError
+    from simulations.audit_report import audit_table, write_audit_json, write_epsilon_plot
+
+    audits = audit_path(args.path)
+    print(audit_table(audits))
+    if args.json:
+        write_audit_json(args.json, audits)
+    directory = args.path if args.path.is_dir() else args.path.parent
+    plot = args.plot or directory / "privacy-audit.png"
+    write_epsilon_plot(plot, audits)
+    print(f"plot: {plot}" + (f"; json: {args.json}" if args.json else ""))
+    broken = [a.bank for a in audits if a.chain_broken]
+    if broken:
+        raise LedgerError(f"ledger chain broken for {', '.join(broken)}")
+    failing = [a.bank for a in audits if not a.ok]
+    if failing:
+        raise PrivacyBudgetError(f"ε understated or budget exceeded for {', '.join(failing)}")
+    return 0
 
 
 def _probability(flag: str) -> Callable[[str], float]:
@@ -210,7 +250,16 @@ def _run_simulate(args: argparse.Namespace) -> int:
     report = simulate(request)
     print(bank_table(report))
     print(f"report: {args.out / 'report.json'}")
-    return 0
+    if args.no_audit:
+        return 0
+    print("\nprivacy audit of every bank's ledger (fedfin audit):")
+    return _run_audit(
+        argparse.Namespace(
+            path=args.out / "banks",
+            json=args.out / "audit.json",
+            plot=args.out / "privacy-audit.png",
+        )
+    )
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:

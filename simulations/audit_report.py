@@ -1,0 +1,103 @@
+"""`fedfin audit` output: a table for people, JSON for programs, a PNG of ε over rounds."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.atomic import write_atomically
+from common.audit import BankAudit
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def audit_table(audits: list[BankAudit]) -> str:
+    header = (
+        "bank",
+        "releases",
+        "runs",
+        "ε recorded",
+        "ε PLD",
+        "ε RDP",
+        "δ",
+        "budget",
+        "remaining",
+        "status",
+    )
+    rows = []
+    for a in audits:
+        status = "ok"
+        if a.chain_broken:
+            status = "CHAIN BROKEN"
+        elif a.understated:
+            status = "ε UNDERSTATED"
+        elif a.exceeded:
+            status = "BUDGET EXCEEDED"
+        elif a.problems:
+            status = "PROBLEM"
+        rows.append(
+            (
+                a.bank,
+                f"{a.train_releases}+{a.evaluate_releases}",
+                str(a.runs),
+                _fmt(a.epsilon_recorded),
+                _fmt(a.epsilon_pld),
+                _fmt(a.epsilon_rdp),
+                "-" if a.delta is None else f"{a.delta:.0e}",
+                _fmt(a.budget, 3),
+                _fmt(a.remaining),
+                status,
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append(
+        "releases = train + evaluate; ε PLD/RDP recomputed with dp-accounting from the "
+        "ledger's DP events"
+    )
+    for a in audits:
+        lines += [f"{a.bank}: {problem}" for problem in [*a.chain_problems, *a.problems]]
+    return "\n".join(lines)
+
+
+def audit_json(audits: list[BankAudit]) -> dict[str, Any]:
+    return {"ok": all(a.ok for a in audits), "banks": [a.as_dict() for a in audits]}
+
+
+def write_audit_json(path: Path, audits: list[BankAudit]) -> None:
+    text = json.dumps(audit_json(audits), indent=2) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_epsilon_plot(path: Path, audits: list[BankAudit]) -> None:
+    """Cumulative ε per bank over its releases, with each bank's budget as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for index, audit in enumerate(audits):
+        colour = f"C{index % 10}"
+        if audit.curve:
+            xs = list(range(1, len(audit.curve) + 1))
+            axes.step(
+                xs, [e for _, _, e in audit.curve], where="post", color=colour, label=audit.bank
+            )
+        if audit.budget is not None:
+            axes.axhline(audit.budget, color=colour, linestyle="--", linewidth=0.8)
+    axes.set_xlabel("release (ledger entry)")
+    axes.set_ylabel("cumulative ε")
+    axes.set_title("Privacy spent per bank (dashed: budget)")
+    if audits:
+        axes.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+
+    def save(tmp: Path) -> None:
+        figure.savefig(tmp, format="png", dpi=110)
+
+    write_atomically(path, save)
+    plt.close(figure)

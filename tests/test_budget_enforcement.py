@@ -1,0 +1,171 @@
+"""A bank's budget is never exceeded, whatever the server asks, across rounds and restarts."""
+
+from pathlib import Path
+
+import pytest
+
+from client.bank_settings import BankSettings
+from client.bank_state import BankState
+from client.bank_worker import evaluate_round, train_round
+from client.dp_training import DpStepPlan, train_with_dp
+from client.release import array_sha256
+from common.accounting import DpEvent, epsilon_spent, sample_rate_for
+from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from common.config import PrivacyPolicy, TrainPlanConfig
+from common.errors import PrivacyBudgetError
+from common.ledger import PrivacyLedger, events_of
+from common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
+from tests.conftest import Pretrained
+
+
+@pytest.fixture(scope="module")
+def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
+    return load_encoder_checkpoint(pretrained.checkpoint_dir)
+
+
+@pytest.fixture
+def bank(pretrained: Pretrained, tmp_path: Path) -> BankSettings:
+    """Bank 0 of the built-in split, with its own data directory and state directory."""
+    data = tmp_path / "data"
+    data.mkdir()
+    pretrained.split.banks[0].train.to_parquet(data / "train.parquet")
+    pretrained.split.banks[0].test.to_parquet(data / "test.parquet")
+    return BankSettings("bank-00", data, tmp_path / "state", PrivacyPolicy(epsilon_budget=1.0))
+
+
+def _instructions(
+    checkpoint: EncoderCheckpoint, rnd: int, rounds: int, **plan: object
+) -> RoundInstructions:
+    return RoundInstructions(
+        rnd,
+        rounds,
+        TrainPlanConfig(**plan),
+        checkpoint.schema,
+        checkpoint.model_config,  # type: ignore[arg-type]
+    )
+
+
+def _train(
+    bank: BankSettings,
+    checkpoint: EncoderCheckpoint,
+    rnd: int,
+    rounds: int,
+    run: int = 1,
+    **plan: object,
+):  # type: ignore[no-untyped-def]
+    return train_round(
+        bank, _instructions(checkpoint, rnd, rounds, **plan), checkpoint.arrays, None, run
+    )
+
+
+def test_a_fresh_privacy_engine_would_under_report_but_the_bank_restores_its_history(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    first = _train(bank, checkpoint, 1, 2).metrics[EPSILON]
+    second = _train(bank, checkpoint, 2, 2).metrics[EPSILON]
+    entries = PrivacyLedger(bank.state_dir).entries()
+    round_two_alone = epsilon_spent(events_of(entries[-1]), bank.policy.delta)
+    assert round_two_alone == pytest.approx(first, rel=1e-6)  # what a fresh engine would say
+    assert second > round_two_alone * 1.2
+    assert second == pytest.approx(epsilon_spent([e for x in entries for e in events_of(x)], 1e-5))
+
+
+def test_train_with_dp_keeps_the_restored_history_in_the_accountant(
+    checkpoint: EncoderCheckpoint, pretrained: Pretrained
+) -> None:
+    data = checkpoint.schema.transform(pretrained.split.banks[0].train, "bank-00")
+    q = sample_rate_for(len(data.numeric), 64)
+    past = [DpEvent(3.0, 0.5, 7, 1.0)]
+    plan = DpStepPlan("full", 2.0, 1.0, 64, q, 1e-3, 0, 5)
+    history = train_with_dp(checkpoint.build_model(), data, plan, past, seed=0)
+    assert history == [(3.0, 0.5, 7), (2.0, q, 5)]
+
+
+def test_a_server_that_lies_about_the_number_of_rounds_cannot_exceed_the_budget(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    """The server says each round is the last (num-rounds=1), then keeps asking."""
+    assert _train(bank, checkpoint, 1, 1).metrics[EPSILON] <= 1.0
+    for attempt in range(2, 6):
+        with pytest.raises(PrivacyBudgetError):
+            _train(bank, checkpoint, 1, 1, run=attempt)
+    spent = epsilon_spent(PrivacyLedger(bank.state_dir).dp_events(), bank.policy.delta)
+    assert spent <= bank.policy.epsilon_budget
+    assert len(PrivacyLedger(bank.state_dir).entries()) == 1
+
+
+def test_a_hundred_round_request_is_trimmed_to_what_fits(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    """Planned for 2 rounds, asked for 100: later rounds are trimmed, then declined."""
+    accepted = 0
+    for rnd in range(1, 101):
+        try:
+            _train(bank, checkpoint, min(rnd, 2), 2, local_epochs=3.0)
+            accepted += 1
+        except PrivacyBudgetError:
+            break
+    assert 2 <= accepted < 100
+    entries = PrivacyLedger(bank.state_dir).entries()
+    assert max(e["epsilon_cumulative"] for e in entries) <= bank.policy.epsilon_budget
+    independent = epsilon_spent([ev for e in entries for ev in events_of(e)], 1e-5, "prv")
+    assert independent <= bank.policy.epsilon_budget
+
+
+def test_noise_never_goes_below_the_banks_floor_even_with_a_huge_budget(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    rich = BankSettings(
+        bank.name,
+        bank.data_path,
+        bank.state_dir,
+        PrivacyPolicy(epsilon_budget=1000.0, min_noise_multiplier=0.8),
+    )
+    _train(rich, checkpoint, 1, 1)
+    events = PrivacyLedger(rich.state_dir).dp_events()
+    assert events and min(e.noise_multiplier for e in events) >= 0.8
+
+
+def test_a_restarted_client_continues_its_epsilon(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    first = _train(bank, checkpoint, 1, 3).metrics[EPSILON]
+    # A new process knows nothing but the state directory.
+    restarted = BankSettings(bank.name, bank.data_path, Path(str(bank.state_dir)), bank.policy)
+    second = _train(restarted, checkpoint, 2, 3).metrics[EPSILON]
+    assert second > first
+
+
+def test_every_release_is_in_the_ledger_with_the_hash_of_what_was_sent(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    reply = _train(bank, checkpoint, 1, 1)
+    entry = PrivacyLedger(bank.state_dir).entries()[-1]
+    assert entry["arrays_sha256"] == {k: array_sha256(v) for k, v in reply.arrays.items()}
+    assert entry["metrics_sent"] == {k: float(v) for k, v in reply.metrics.items()}
+    assert entry["epsilon_cumulative"] == reply.metrics[EPSILON]
+    assert entry["kind"] == "train" and entry["unit_of_privacy"]
+
+
+def test_withheld_counts_and_metrics_are_not_sent(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    quiet = BankSettings(
+        bank.name,
+        bank.data_path,
+        bank.state_dir,
+        PrivacyPolicy(epsilon_budget=1.0, release_num_examples=False, release_eval_metrics=False),
+    )
+    reply = _train(quiet, checkpoint, 1, 1)
+    assert NUM_EXAMPLES not in reply.metrics
+    evaluation = evaluate_round(quiet, _instructions(checkpoint, 1, 1), checkpoint.arrays, 1)
+    assert set(evaluation.metrics) == {EPSILON}
+    assert PrivacyLedger(quiet.state_dir).entries()[-1]["metrics_sent"] == evaluation.metrics
+
+
+def test_the_private_head_is_saved_in_the_state_dir(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    reply = _train(bank, checkpoint, 1, 1)
+    assert BankState(bank.state_dir).has_head()
+    assert all(key in checkpoint.arrays for key in reply.arrays)
