@@ -8,6 +8,7 @@ and .md. Usage: python -m benchmarks.federated_vs_alone [--seeds 0 1 2] [--epsil
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -46,7 +47,9 @@ def run_seed(seed: int, epsilon: float, banks: int, rounds: int, work: Path) -> 
     rows = {}
     for bank in settings.banks:
         scratch = train_alone(bank, start, encoder_dir, rounds, plan, from_scratch=True, seed=seed)
-        transfer = train_alone(bank, start, encoder_dir, rounds, plan, from_scratch=False, seed=seed)
+        transfer = train_alone(
+            bank, start, encoder_dir, rounds, plan, from_scratch=False, seed=seed
+        )
         fed = report["per_bank"][bank.name]
         rows[bank.name] = {
             "public_model": fed["auc_public_model"],
@@ -66,8 +69,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-federated-vs-alone"))
     args = parser.parse_args()
     started = time.time()
-    per_seed = {seed: run_seed(seed, args.epsilon, args.banks, args.rounds, args.work)
-                for seed in args.seeds}
+    per_seed = {
+        seed: run_seed(seed, args.epsilon, args.banks, args.rounds, args.work)
+        for seed in args.seeds
+    }
     methods = ["public_model", "federated", "alone_scratch", "alone_transfer"]
     summary = {}
     for method in methods:
@@ -81,10 +86,16 @@ def main() -> None:
         }
     result = {
         "command": " ".join(["python -m benchmarks.federated_vs_alone", *sys.argv[1:]]),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
-        "epsilon_per_bank": args.epsilon, "delta": 1e-5, "banks": args.banks,
-        "rounds": args.rounds, "seeds": args.seeds, "summary": summary,
-        "per_seed": per_seed, "seconds": round(time.time() - started, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}",
+        "epsilon_per_bank": args.epsilon,
+        "delta": 1e-5,
+        "banks": args.banks,
+        "rounds": args.rounds,
+        "seeds": args.seeds,
+        "summary": summary,
+        "per_seed": per_seed,
+        "seconds": round(time.time() - started, 1),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "federated_vs_alone.json").write_text(json.dumps(result, indent=2) + "\n")

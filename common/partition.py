@@ -8,6 +8,7 @@ states go either to the public pool or to one bank, so banks differ the way real
 regions do.
 """
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -45,9 +46,11 @@ class FederatedSplit:
 def split_train_test(
     frame: pd.DataFrame, label: str, test_fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Seeded split, stratified by label when both classes have at least two rows."""
+    """Seeded split, stratified by label when both parts can hold both classes."""
     counts = frame[label].value_counts()
-    stratify = frame[label] if len(counts) == 2 and counts.min() >= 2 else None
+    n_test = math.ceil(test_fraction * len(frame))  # how scikit-learn sizes the test part
+    can_stratify = len(counts) == 2 and counts.min() >= 2 and min(n_test, len(frame) - n_test) >= 2
+    stratify = frame[label] if can_stratify else None
     train, test = train_test_split(
         frame, test_size=test_fraction, random_state=seed, stratify=stratify
     )
@@ -66,10 +69,17 @@ class Partitioner(ABC):
         """Return the public pool and the banks."""
 
     def _bank(self, index: int, rows: pd.DataFrame, groups: tuple[str, ...] = ()) -> BankData:
+        name = f"bank-{index:02d}"
+        n_test = math.ceil(self.config.test_fraction * len(rows))
+        if n_test < 1 or len(rows) - n_test < 1:
+            raise ConfigError(
+                f"--banks {self.config.num_banks}: {name} would get only {len(rows)} rows, "
+                "too few to split into train and test; use fewer banks"
+            )
         train, test = split_train_test(
             rows, self.label, self.config.test_fraction, self.config.seed + 1 + index
         )
-        return BankData(name=f"bank-{index:02d}", train=train, test=test, groups=groups)
+        return BankData(name=name, train=train, test=test, groups=groups)
 
 
 class IidPartitioner(Partitioner):

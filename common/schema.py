@@ -190,26 +190,30 @@ class FeatureSchema:
         write_atomically(path, lambda tmp: tmp.write_text(self.to_json() + "\n"))
 
     @classmethod
+    def from_json(cls, text: str) -> "FeatureSchema":
+        raw = json.loads(text)
+        if raw.get("version") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema version {raw.get('version')}")
+        return cls(
+            label=raw["label"],
+            positive_label=raw["positive_label"],
+            negative_label=raw["negative_label"],
+            numeric=tuple(NumericFeature(**f) for f in raw["numeric"]),
+            categorical=tuple(
+                CategoricalFeature(name=f["name"], vocabulary=tuple(f["vocabulary"]))
+                for f in raw["categorical"]
+            ),
+            missing_policy=raw["missing_policy"],
+            version=raw["version"],
+        )
+
+    @classmethod
     def load(cls, path: Path) -> "FeatureSchema":
         if not path.exists():
             raise CheckpointError(f"{path}: schema file not found")
         try:
-            raw = json.loads(path.read_text())
-            if raw.get("version") != SCHEMA_VERSION:
-                raise ValueError(f"unsupported schema version {raw.get('version')}")
-            return cls(
-                label=raw["label"],
-                positive_label=raw["positive_label"],
-                negative_label=raw["negative_label"],
-                numeric=tuple(NumericFeature(**f) for f in raw["numeric"]),
-                categorical=tuple(
-                    CategoricalFeature(name=f["name"], vocabulary=tuple(f["vocabulary"]))
-                    for f in raw["categorical"]
-                ),
-                missing_policy=raw["missing_policy"],
-                version=raw["version"],
-            )
-        except (ValueError, KeyError, TypeError) as exc:
+            return cls.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: not a valid fedfin schema ({exc})") from None
 
 

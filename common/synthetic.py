@@ -33,6 +33,8 @@ def generate_credit_data(
         raise ConfigError(f"--banks must be at least 1, got {banks}")
     if not 0.0 <= shift <= 3.0:
         raise ConfigError(f"--shift must be in [0, 3], got {shift}")
+    if not 0.0 < default_rate < 1.0:
+        raise ConfigError(f"default rate must be in (0, 1), got {default_rate}")
     rng = np.random.default_rng(seed)
     n_public = int(rows * public_fraction)
     bank_of_row = np.concatenate([np.full(n_public, -1), rng.integers(0, banks, rows - n_public)])
@@ -68,7 +70,7 @@ def generate_credit_data(
         + 0.3 * (home == "RENT")
         + 0.4 * o[:, 3]
     )
-    intercept = np.log(default_rate / (1 - default_rate))
+    intercept = _intercept_for_rate(logit, default_rate)
     default = rng.random(rows) < 1.0 / (1.0 + np.exp(-(logit + intercept)))
 
     names = np.array([PUBLIC_GROUP] + [f"bank-{i:02d}" for i in range(banks)])
@@ -90,3 +92,15 @@ def generate_credit_data(
             LABEL: default.astype(np.int64),
         }
     )
+
+
+def _intercept_for_rate(logit: np.ndarray, rate: float) -> float:
+    """The intercept whose mean default probability over all rows is `rate` (bisection)."""
+    low, high = -50.0, 50.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if np.mean(1.0 / (1.0 + np.exp(-(logit + middle)))) > rate:
+            high = middle
+        else:
+            low = middle
+    return (low + high) / 2

@@ -82,7 +82,9 @@ def run_federation(
         else:
             log.warning(
                 "round %d: only %d bank(s) accepted (minimum %d); the encoder is unchanged",
-                server_round, len(accepted), config.min_banks,
+                server_round,
+                len(accepted),
+                config.min_banks,
             )
 
         evaluation = strategy.configure_evaluate(
@@ -108,7 +110,10 @@ def run_federation(
 
     final = from_array_record(arrays)
     save_encoder_checkpoint(
-        out_dir / FINAL_DIR, start.schema, start.model_config, final,
+        out_dir / FINAL_DIR,
+        start.schema,
+        start.model_config,
+        final,
         {"rounds": config.num_rounds, "strategy": config.strategy},
     )
     write_json_atomically(out_dir / "federation.json", {"rounds": rounds})
@@ -117,7 +122,8 @@ def run_federation(
 
 def _set_weights(accepted: list[Message]) -> None:
     """Weight by released example counts, or uniformly if any bank withholds its count."""
-    counts = [m.content[METRICS].get(NUM_EXAMPLES) for m in accepted]
+    counts = [m.content.metric_records[METRICS].get(NUM_EXAMPLES) for m in accepted]
     uniform = any(c is None or float(c) <= 0 for c in counts)  # type: ignore[arg-type]
     for message, count in zip(accepted, counts, strict=True):
-        message.content[METRICS][WEIGHT_KEY] = 1.0 if uniform else float(count)  # type: ignore[arg-type]
+        weight = 1.0 if uniform else float(count)  # type: ignore[arg-type]
+        message.content.metric_records[METRICS][WEIGHT_KEY] = weight

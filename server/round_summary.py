@@ -41,13 +41,16 @@ class RoundSummary:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        aucs = [(b.metrics["auc"], b.metrics.get(NUM_EXAMPLES)) for b in self.banks.values()
-                if "auc" in b.metrics]
+        aucs: list[tuple[float, float | None]] = [
+            (b.metrics["auc"], b.metrics.get(NUM_EXAMPLES))
+            for b in self.banks.values()
+            if "auc" in b.metrics
+        ]
         epsilons = [b.epsilon for b in self.banks.values() if b.epsilon is not None]
         weighted = None
-        if aucs and all(n for _, n in aucs):
-            total = sum(float(n) for _, n in aucs)  # type: ignore[arg-type]
-            weighted = sum(a * float(n) for a, n in aucs) / total  # type: ignore[arg-type]
+        counts = [n for _, n in aucs if n]
+        if aucs and len(counts) == len(aucs):
+            weighted = sum(a * (n or 0.0) for a, n in aucs) / sum(counts)
         worst = min(aucs, default=None, key=lambda pair: pair[0])
         return {
             "round": self.server_round,
@@ -76,7 +79,7 @@ class RoundSummary:
 def status_of(message: Message) -> tuple[str, str, str]:
     """(status, bank name, reason) of a reply; Flower-level errors count as declined."""
     if message.has_error():
-        return "error", f"node-{message.metadata.src_node_id}", message.error.reason
+        return "error", f"node-{message.metadata.src_node_id}", str(message.error.reason)
     content = message.content
     if STATUS not in content.config_records:
         return "malformed", f"node-{message.metadata.src_node_id}", "reply has no status"

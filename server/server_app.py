@@ -33,7 +33,9 @@ def federation_config_from_run_config(run_config: dict[str, Any]) -> FederationC
         try:
             return kind(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"run config '{key}' must be {kind.__name__}, got '{value}'") from None
+            raise ConfigError(
+                f"run config '{key}' must be {kind.__name__}, got '{value}'"
+            ) from None
 
     defaults = FederationConfig()
     plan = TrainPlanConfig()

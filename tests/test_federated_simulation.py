@@ -1,5 +1,6 @@
 """Real Flower simulation (Ray) + real Opacus, 3 banks x 2 rounds: what leaves a bank, and ε."""
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from common.accounting import epsilon_spent
 from common.checkpoint import load_encoder_checkpoint
 from common.ledger import PrivacyLedger, events_of
 from common.protocol import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS
-from tests.harness.processes import run_to_end, flower_env
+from tests.harness.processes import flower_env, run_to_end
 
 BANKS, ROUNDS, EPSILON = 3, 2, 1.0
 
@@ -102,7 +103,7 @@ def test_global_encoder_changes_every_round(run: dict[str, Any]) -> None:
         load_encoder_checkpoint(run["out"] / "global" / f"round-{r:03d}").arrays
         for r in range(ROUNDS + 1)
     ]
-    for before, after in zip(rounds, rounds[1:], strict=False):
+    for before, after in itertools.pairwise(rounds):
         assert any(not np.array_equal(before[k], after[k]) for k in before)
     final = load_encoder_checkpoint(run["out"] / "final").arrays
     assert all(np.array_equal(final[k], rounds[-1][k]) for k in final)

@@ -79,11 +79,20 @@ def test_reordering_lines_is_detected(tmp_path: Path) -> None:
     assert not ledger.check().ok
 
 
-def test_appending_to_a_broken_ledger_is_refused(tmp_path: Path) -> None:
+def test_appending_after_an_altered_last_entry_is_refused(tmp_path: Path) -> None:
     ledger = _ledger_with(tmp_path, 2)
+    lines = _lines(ledger)
+    ledger.path.write_text(lines[0] + lines[1].replace('"steps":11', '"steps":1'))
+    with pytest.raises(LedgerError, match="last entry is corrupt"):
+        ledger.append({"kind": "train"})
+
+
+def test_reading_a_broken_ledger_for_accounting_is_refused(tmp_path: Path) -> None:
+    """The bank reads its whole history before every round: a broken chain stops it."""
+    ledger = _ledger_with(tmp_path, 3)
     ledger.path.write_text(_lines(ledger)[1])
     with pytest.raises(LedgerError):
-        ledger.append({"kind": "train"})
+        ledger.dp_events()
 
 
 def test_a_partial_last_line_is_ignored_and_replaced_by_the_next_append(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -33,15 +33,11 @@ def stop(process: subprocess.Popen[bytes], known: Sequence[int] = ()) -> None:
     """Stop the process, its process group and every descendant, by PID."""
     pids = {process.pid, *known, *descendants(process.pid)}
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
         for pid in pids:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.1)

@@ -1,0 +1,297 @@
+"""FeatureSchema: fitted on public data only, shipped as JSON, strict about bank data."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.errors import CheckpointError, DataError
+from common.schema import FeatureSchema
+from common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
+
+BANK_SOURCE = "bank-00.csv"
+
+
+@pytest.fixture(scope="module")
+def loans() -> pd.DataFrame:
+    return generate_credit_data(3_000, 2, shift=1.0, seed=0)
+
+
+@pytest.fixture
+def public(loans: pd.DataFrame) -> pd.DataFrame:
+    return loans[loans[GROUP_COLUMN] == PUBLIC_GROUP].reset_index(drop=True)
+
+
+@pytest.fixture
+def bank(loans: pd.DataFrame) -> pd.DataFrame:
+    return loans[loans[GROUP_COLUMN] == "bank-00"].reset_index(drop=True)
+
+
+@pytest.fixture
+def schema(public: pd.DataFrame) -> FeatureSchema:
+    return FeatureSchema.fit(public, LABEL, exclude=(GROUP_COLUMN,), source="public pool")
+
+
+def categorical_codes(schema: FeatureSchema, frame: pd.DataFrame, column: str) -> np.ndarray:
+    position = [c.name for c in schema.categorical].index(column)
+    return schema.transform(frame, BANK_SOURCE).categorical[:, position]
+
+
+def numeric_values(schema: FeatureSchema, frame: pd.DataFrame, column: str) -> np.ndarray:
+    position = [f.name for f in schema.numeric].index(column)
+    return schema.transform(frame, BANK_SOURCE).numeric[:, position]
+
+
+# --- fitted on public data only ---------------------------------------------------------
+
+
+def test_transforming_a_bank_does_not_change_the_schema(
+    schema: FeatureSchema, bank: pd.DataFrame
+) -> None:
+    before = schema.to_json()
+
+    schema.transform(bank, BANK_SOURCE)
+
+    assert schema.to_json() == before
+
+
+def test_category_vocabularies_come_from_public_data(
+    schema: FeatureSchema, public: pd.DataFrame, bank: pd.DataFrame
+) -> None:
+    bank = bank.assign(purpose="yacht")
+    schema.transform(bank, BANK_SOURCE)
+
+    purpose = next(c for c in schema.categorical if c.name == "purpose")
+    assert purpose.vocabulary == tuple(sorted(public["purpose"].unique()))
+    assert "yacht" not in purpose.vocabulary
+
+
+def test_a_category_the_public_data_never_saw_maps_to_the_unknown_bucket_0(
+    schema: FeatureSchema, bank: pd.DataFrame
+) -> None:
+    bank = bank.copy()
+    bank.loc[:9, "purpose"] = "yacht"
+
+    codes = categorical_codes(schema, bank, "purpose")
+
+    assert (codes[:10] == 0).all()
+    assert (codes[10:] > 0).all()
+
+
+def test_a_missing_category_maps_to_the_unknown_bucket_0(
+    schema: FeatureSchema, bank: pd.DataFrame
+) -> None:
+    bank = bank.copy()
+    bank.loc[:4, "home_ownership"] = np.nan
+
+    assert (categorical_codes(schema, bank, "home_ownership")[:5] == 0).all()
+
+
+def test_categories_rarer_than_five_public_rows_stay_out_of_the_vocabulary(
+    public: pd.DataFrame,
+) -> None:
+    public = public.copy()
+    public.loc[:3, "purpose"] = "wedding"  # four rows: too rare to learn an embedding for
+
+    schema = FeatureSchema.fit(public, LABEL, exclude=(GROUP_COLUMN,))
+
+    purpose = next(c for c in schema.categorical if c.name == "purpose")
+    assert "wedding" not in purpose.vocabulary
+
+
+def test_missing_numeric_values_are_imputed_with_the_public_median(
+    schema: FeatureSchema, public: pd.DataFrame, bank: pd.DataFrame
+) -> None:
+    public_median = float(public["dti"].median())
+    assert public_median != pytest.approx(float(bank["dti"].median()))
+    with_gap, with_median = bank.head(3).copy(), bank.head(3).copy()
+    with_gap.loc[0, "dti"] = np.nan
+    with_median.loc[0, "dti"] = public_median
+
+    np.testing.assert_array_equal(
+        numeric_values(schema, with_gap, "dti"), numeric_values(schema, with_median, "dti")
+    )
+
+
+def test_excluded_columns_and_the_label_are_not_features(schema: FeatureSchema) -> None:
+    assert GROUP_COLUMN not in schema.feature_names
+    assert LABEL not in schema.feature_names
+    assert "annual_income" in schema.feature_names
+    assert "grade" in schema.feature_names
+
+
+def test_transform_gives_model_ready_arrays(schema: FeatureSchema, bank: pd.DataFrame) -> None:
+    table = schema.transform(bank, BANK_SOURCE)
+
+    assert table.numeric.dtype == np.float32
+    assert table.numeric.shape == (len(bank), len(schema.numeric))
+    assert np.isfinite(table.numeric).all()
+    assert table.categorical.dtype == np.int64
+    assert table.categorical.shape == (len(bank), len(schema.categorical))
+    assert table.label is not None
+    np.testing.assert_array_equal(table.label, bank[LABEL].to_numpy(dtype=np.float32))
+
+
+def test_rows_to_score_need_no_label(schema: FeatureSchema, bank: pd.DataFrame) -> None:
+    table = schema.transform(bank.drop(columns=[LABEL]), BANK_SOURCE, require_label=False)
+
+    assert table.label is None
+    assert len(table.numeric) == len(bank)
+
+
+# --- labels ---------------------------------------------------------------------------
+
+
+def test_a_text_label_needs_to_be_told_which_value_means_default(public: pd.DataFrame) -> None:
+    public = public.assign(**{LABEL: public[LABEL].map({0: "good", 1: "bad"})})
+
+    with pytest.raises(DataError, match="--positive-label"):
+        FeatureSchema.fit(public, LABEL, exclude=(GROUP_COLUMN,))
+    schema = FeatureSchema.fit(public, LABEL, positive_label="bad", exclude=(GROUP_COLUMN,))
+
+    assert (schema.positive_label, schema.negative_label) == ("bad", "good")
+    np.testing.assert_array_equal(
+        schema.encode_label(pd.Series(["bad", "good", "good"]), "x"), [1.0, 0.0, 0.0]
+    )
+
+
+def test_a_positive_label_that_is_not_a_label_value_is_a_data_error(
+    public: pd.DataFrame,
+) -> None:
+    with pytest.raises(DataError, match="--positive-label '7'"):
+        FeatureSchema.fit(public, LABEL, positive_label="7", exclude=(GROUP_COLUMN,))
+
+
+# --- bad bank data: one DataError naming the source and the column ----------------------
+
+
+def _drop(column: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    return lambda frame: frame.drop(columns=[column])
+
+
+def _set(
+    column: str, value: object, rows: int | None = None
+) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def damage(frame: pd.DataFrame) -> pd.DataFrame:
+        frame = frame.copy()
+        if rows is None:
+            frame[column] = value
+            return frame
+        if isinstance(value, str):
+            frame[column] = frame[column].astype(object)
+        elif isinstance(value, float):
+            frame[column] = frame[column].astype(float)
+        frame.loc[: rows - 1, column] = value
+        return frame
+
+    return damage
+
+
+BAD_BANK_DATA = {
+    "missing-label-column": (_drop(LABEL), LABEL, "is missing"),
+    "missing-feature-column": (_drop("annual_income"), "annual_income", "is missing"),
+    "label-with-three-values": (_set(LABEL, 2, rows=1), LABEL, "has value '2'"),
+    "missing-label-value": (_set(LABEL, np.nan, rows=1), LABEL, "missing values"),
+    "text-in-numeric-column": (_set("annual_income", "52k", rows=1), "annual_income", "52k"),
+    "all-missing-numeric-column": (_set("dti", np.nan), "dti", "entirely missing"),
+    "all-missing-categorical-column": (_set("grade", np.nan), "grade", "entirely missing"),
+    "infinite-value": (_set("revol_util", np.inf, rows=1), "revol_util", "Inf"),
+    "negative-infinite-value": (_set("revol_util", -np.inf, rows=1), "revol_util", "Inf"),
+}
+
+
+@pytest.mark.parametrize(("damage", "column", "problem"), BAD_BANK_DATA.values(), ids=BAD_BANK_DATA)
+def test_bad_bank_data_is_one_data_error_naming_the_source_and_column(
+    schema: FeatureSchema,
+    bank: pd.DataFrame,
+    damage: Callable[[pd.DataFrame], pd.DataFrame],
+    column: str,
+    problem: str,
+) -> None:
+    with pytest.raises(DataError) as error:
+        schema.transform(damage(bank), BANK_SOURCE)
+
+    message = str(error.value)
+    assert message.startswith(f"{BANK_SOURCE}: ")
+    assert f"'{column}'" in message
+    assert problem in message
+    assert "\n" not in message
+
+
+BAD_PUBLIC_DATA = {
+    "missing-label-column": (_drop(LABEL), LABEL, "is missing"),
+    "label-with-three-values": (_set(LABEL, 2, rows=1), LABEL, "exactly 2 values"),
+    "all-missing-column": (_set("dti", np.nan), "dti", "entirely missing"),
+    "infinite-value": (_set("revol_util", np.inf, rows=1), "revol_util", "Inf"),
+}
+
+
+@pytest.mark.parametrize(
+    ("damage", "column", "problem"), BAD_PUBLIC_DATA.values(), ids=BAD_PUBLIC_DATA
+)
+def test_bad_public_data_cannot_be_fitted(
+    public: pd.DataFrame,
+    damage: Callable[[pd.DataFrame], pd.DataFrame],
+    column: str,
+    problem: str,
+) -> None:
+    with pytest.raises(DataError) as error:
+        FeatureSchema.fit(damage(public), LABEL, exclude=(GROUP_COLUMN,), source="public.csv")
+
+    message = str(error.value)
+    assert message.startswith("public.csv: ")
+    assert f"'{column}'" in message
+    assert problem in message
+
+
+def test_an_empty_bank_table_is_a_data_error(schema: FeatureSchema, bank: pd.DataFrame) -> None:
+    with pytest.raises(DataError, match=f"{BANK_SOURCE}: table has no rows"):
+        schema.transform(bank.head(0), BANK_SOURCE)
+
+
+# --- persistence ------------------------------------------------------------------------
+
+
+def test_json_round_trip_gives_an_equal_schema(schema: FeatureSchema, tmp_path: Path) -> None:
+    path = tmp_path / "schema.json"
+    schema.save(path)
+
+    loaded = FeatureSchema.load(path)
+
+    assert loaded == schema
+    assert loaded.fingerprint == schema.fingerprint
+
+
+def test_a_loaded_schema_transforms_exactly_like_the_fitted_one(
+    schema: FeatureSchema, bank: pd.DataFrame, tmp_path: Path
+) -> None:
+    schema.save(tmp_path / "schema.json")
+    loaded = FeatureSchema.load(tmp_path / "schema.json")
+
+    original, again = schema.transform(bank, BANK_SOURCE), loaded.transform(bank, BANK_SOURCE)
+
+    np.testing.assert_array_equal(original.numeric, again.numeric)
+    np.testing.assert_array_equal(original.categorical, again.categorical)
+
+
+def test_a_missing_schema_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        FeatureSchema.load(tmp_path / "schema.json")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json at all", "[]", "null", '{"version": 99}', '{"version": 1}'],
+    ids=["not-json", "a-list", "null", "future-version", "no-fields"],
+)
+def test_a_file_that_is_not_a_fedfin_schema_is_a_checkpoint_error(
+    tmp_path: Path, content: str
+) -> None:
+    path = tmp_path / "schema.json"
+    path.write_text(content)
+
+    with pytest.raises(CheckpointError, match="not a valid fedfin schema") as error:
+        FeatureSchema.load(path)
+    assert str(path) in str(error.value)
