@@ -17,6 +17,7 @@ _POLICY_KEYS = {
     "delta": "delta",
     "max-grad-norm": "max_grad_norm",
     "min-noise-multiplier": "min_noise_multiplier",
+    "max-noise-multiplier": "max_noise_multiplier",
     "accountant": "accountant",
     "release-num-examples": "release_num_examples",
     "release-eval-metrics": "release_eval_metrics",

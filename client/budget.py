@@ -58,7 +58,7 @@ def approve_round(
     if sigma is None:
         raise PrivacyBudgetError(
             f"budget nearly spent: ε={spent:.4f} of {policy.epsilon_budget}; "
-            "not even one step fits at the largest noise"
+            f"not one round fits at the largest useful noise ({policy.max_noise_multiplier})"
         )
     requested = DpEvent(sigma, q, per_round, policy.max_grad_norm)
     allowed = max_steps_within_budget(
@@ -112,6 +112,7 @@ def _noise_multiplier(
         policy.epsilon_budget,
         policy.min_noise_multiplier,
         policy.max_grad_norm,
+        max_noise_multiplier=policy.max_noise_multiplier,
         accountant=policy.accountant,
     )
     if sigma is not None:

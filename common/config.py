@@ -93,6 +93,8 @@ class PrivacyPolicy:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     min_noise_multiplier: float = 0.5
+    # Past this much noise a round teaches nothing: decline instead of sending noise.
+    max_noise_multiplier: float = 20.0
     accountant: str = "prv"
     release_num_examples: bool = True
     release_eval_metrics: bool = True
@@ -108,6 +110,11 @@ class PrivacyPolicy:
             raise ConfigError(
                 f"min-noise-multiplier must be positive (DP cannot be off), "
                 f"got {self.min_noise_multiplier}"
+            )
+        if not self.min_noise_multiplier <= self.max_noise_multiplier < float("inf"):
+            raise ConfigError(
+                f"max-noise-multiplier must be at least min-noise-multiplier, "
+                f"got {self.max_noise_multiplier}"
             )
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be 'prv' or 'rdp', got '{self.accountant}'")

@@ -95,7 +95,7 @@ def test_a_server_that_lies_about_the_number_of_rounds_cannot_exceed_the_budget(
             pass
     events = PrivacyLedger(bank.state_dir).dp_events()
     assert epsilon_spent(events, bank.policy.delta) <= bank.policy.epsilon_budget
-    assert all(e.noise_multiplier == pytest.approx(50.0) for e in events[1:])
+    assert all(e.noise_multiplier > 5 * events[0].noise_multiplier for e in events[1:])
 
 
 def test_a_hundred_round_request_is_trimmed_to_what_fits(
