@@ -88,7 +88,8 @@ def main() -> None:
         audit = json.loads((Path(tmp) / "audit.json").read_text())["banks"][0]
     figures = {
         "command": "python -m benchmarks.audit_speed " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}",
         "releases": args.releases,
         "ledger_build_seconds_fsync_per_entry": round(build_seconds, 2),
         "audit_wall_seconds_including_process_start": round(audit_seconds, 2),
@@ -105,7 +106,8 @@ def main() -> None:
         f"- ledger of {args.releases} releases (fsync per append): built in "
         f"{figures['ledger_build_seconds_fsync_per_entry']} s\n"
         f"- `fedfin audit` (new process: imports, chain, PLD + RDP, {audit['checked_entries']} "
-        f"entries re-checked, table, JSON, PNG): **{figures['audit_wall_seconds_including_process_start']} s**\n"
+        f"entries re-checked, table, JSON, PNG): "
+        f"**{figures['audit_wall_seconds_including_process_start']} s**\n"
     )
     print(json.dumps(figures, indent=2))
 

@@ -80,6 +80,7 @@ def approve_round(
         learning_rate=request.learning_rate,
         head_steps=head_steps,
         steps=encoder_steps,
+        proximal_mu=instructions.proximal_mu,
     )
     after = epsilon_spent([*past, plan.event()], policy.delta, policy.accountant)
     return ApprovedRound(plan, past, spent, after, trimmed=allowed < per_round)

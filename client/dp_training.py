@@ -35,6 +35,7 @@ class DpStepPlan:
     learning_rate: float
     head_steps: int  # fedrep only: steps on the head with the encoder frozen
     steps: int  # full: steps on everything; fedrep: steps on the encoder, head frozen
+    proximal_mu: float = 0.0  # FedProx: pull the encoder towards the received one
 
     @property
     def total_steps(self) -> int:
@@ -59,11 +60,12 @@ def train_with_dp(
     else:
         phases = [(model, plan.steps)]
     dataset = as_dataset(data)
+    anchor = [p.detach().clone() for p in model.encoder.parameters()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG and backward hooks
         for trainable, steps in phases:
             if steps > 0:
-                _run_phase(engine, model, trainable, dataset, plan, steps)
+                _run_phase(engine, model, trainable, dataset, plan, steps, anchor)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return list(engine.accountant.history)
@@ -76,6 +78,7 @@ def _run_phase(
     dataset: torch.utils.data.Dataset,
     plan: DpStepPlan,
     steps: int,
+    anchor: list[torch.Tensor],
 ) -> None:
     """`steps` Poisson-sampled, clipped and noised steps on `trainable`'s parameters only."""
     wanted = {id(p) for p in trainable.parameters()}
@@ -103,6 +106,10 @@ def _run_phase(
         loss = criterion(private_model(numeric, categorical), target)
         loss.backward()
         dp_optimizer.step()
+        if plan.proximal_mu > 0:  # post-processing of a DP step with public weights: still DP
+            with torch.no_grad():
+                for parameter, start in zip(model.encoder.parameters(), anchor, strict=True):
+                    parameter.sub_(plan.learning_rate * plan.proximal_mu * (parameter - start))
     dp_optimizer.zero_grad()
     private_model.to_standard_module()
 

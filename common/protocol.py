@@ -39,6 +39,7 @@ class RoundInstructions:
     plan: TrainPlanConfig
     schema: FeatureSchema
     model_config: ModelConfig
+    proximal_mu: float = 0.0  # FedProx: Flower's strategy adds "proximal-mu" to the config
 
     def to_config(self) -> dict[str, Any]:
         return {
@@ -68,10 +69,13 @@ class RoundInstructions:
             num_rounds = int(config.get("num-rounds", server_round))
             schema = FeatureSchema.from_json(str(config["schema"]))
             model_config = ModelConfig.from_dict(json.loads(str(config["model-config"])))
+            proximal_mu = float(config.get("proximal-mu", 0.0))
         except KeyError as exc:
             raise ConfigError(f"round config is missing '{exc.args[0]}'") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"round config is malformed ({exc})") from None
         if not 1 <= server_round <= num_rounds:
             raise ConfigError(f"round config: server-round {server_round} of {num_rounds}")
-        return cls(server_round, num_rounds, plan, schema, model_config)
+        if not 0.0 <= proximal_mu <= 100.0:
+            raise ConfigError(f"round config: proximal-mu must be in [0, 100], got {proximal_mu}")
+        return cls(server_round, num_rounds, plan, schema, model_config, proximal_mu)

@@ -1,7 +1,10 @@
 """A bank's budget is never exceeded, whatever the server asks, across rounds and restarts."""
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from client.bank_settings import BankSettings
@@ -173,3 +176,33 @@ def test_the_private_head_is_saved_in_the_state_dir(
     reply = _train(bank, checkpoint, 1, 1)
     assert BankState(bank.state_dir).has_head()
     assert all(key in checkpoint.arrays for key in reply.arrays)
+
+
+def test_fedrep_trains_head_then_encoder_under_one_accountant(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    reply = _train(bank, checkpoint, 1, 2, mode="fedrep", head_epochs=1.0, local_epochs=1.0)
+    entry = PrivacyLedger(bank.state_dir).entries()[-1]
+    train_rows = len(
+        checkpoint.schema.transform(
+            pd.read_parquet(bank.data_path / "train.parquet"), "train"
+        ).numeric
+    )
+    q = sample_rate_for(train_rows, 64)
+    steps_per_epoch = round(1 / q)
+    assert [e.steps for e in events_of(entry)] == [2 * steps_per_epoch]  # head + encoder steps
+    assert any(not np.array_equal(reply.arrays[k], checkpoint.arrays[k]) for k in reply.arrays)
+
+
+def test_fedprox_term_keeps_the_encoder_closer_to_the_global_one(
+    bank: BankSettings, checkpoint: EncoderCheckpoint, tmp_path: Path
+) -> None:
+    def distance(mu: float, state: str) -> float:
+        settings = BankSettings(bank.name, bank.data_path, tmp_path / state, bank.policy)
+        instructions = replace(_instructions(checkpoint, 1, 1, local_epochs=3.0), proximal_mu=mu)
+        reply = train_round(settings, instructions, checkpoint.arrays, None, 1)
+        return sum(
+            float(np.sum((reply.arrays[k] - checkpoint.arrays[k]) ** 2)) for k in reply.arrays
+        )
+
+    assert distance(5.0, "prox") < distance(0.0, "plain")
