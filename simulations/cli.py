@@ -170,7 +170,116 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", type=Path, help="PNG of cumulative ε per bank (default: PATH/privacy-audit.png)"
     )
     audit.set_defaults(run=_run_audit)
+
+    certs = commands.add_parser(
+        "certs",
+        help="coordinator: create a private CA and a TLS certificate for the SuperLink",
+        description=(
+            "Write ca.crt/ca.key (keep ca.key offline) and server.pem/server.key for "
+            "flower-superlink --ssl-*. Give every DNS name and IP banks use to reach it."
+        ),
+    )
+    certs.add_argument("--out", type=Path, required=True, help="directory to write to")
+    certs.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="DNS name or IP of the SuperLink (repeat for several)",
+    )
+    certs.add_argument("--days", type=_positive_int("--days"), default=365)
+    certs.set_defaults(run=_run_certs)
+
+    keys = commands.add_parser(
+        "keys",
+        help="bank: create the SuperNode's ECDSA P-384 key pair (OpenSSH format)",
+        description=(
+            "Write NAME (private: stays on the bank's SuperNode) and NAME.pub (give it to the "
+            "coordinator to register with `flwr supernode register`)."
+        ),
+    )
+    keys.add_argument("--out", type=Path, required=True, help="directory to write to")
+    keys.add_argument("--name", required=True, help="file name, e.g. the bank's name")
+    keys.set_defaults(run=_run_keys)
+
+    check = commands.add_parser(
+        "check-connection",
+        help="bank: check TLS to the SuperLink with the coordinator's CA before starting",
+        description=(
+            "Connect to the SuperLink and verify its certificate with --root-certificates; "
+            "says whether nothing listens, the CA is wrong, or the certificate lacks the name."
+        ),
+    )
+    check.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    check.add_argument("--root-certificates", type=Path, required=True, help="the CA (ca.crt)")
+    check.set_defaults(run=_run_check_connection)
+
+    split = commands.add_parser(
+        "split",
+        help="write the public pool and each bank's train/test tables (demos and tests)",
+        description=(
+            "Split --data into a public pool and --banks banks exactly as `simulate` does and "
+            "write OUT/public.parquet and OUT/<bank>/{train,test}.parquet, e.g. to give each "
+            "SuperNode of a local deployment its own data-path."
+        ),
+    )
+    _add_data_flags(split)
+    split.add_argument("--banks", type=_positive_int("--banks"), default=3)
+    split.add_argument("--out", type=Path, required=True)
+    split.set_defaults(run=_run_split)
     return parser
+
+
+def _run_certs(args: argparse.Namespace) -> int:
+    from server.certificates import create_certificates
+
+    paths = create_certificates(args.out, args.host, args.days)
+    print(f"CA certificate (give to banks): {paths.ca_cert}")
+    print(f"CA key (keep offline):          {paths.ca_key}")
+    print(f"SuperLink certificate and key:  {paths.server_cert}, {paths.server_key}")
+    return 0
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    from client.node_keys import create_node_keys
+
+    paths = create_node_keys(args.out, args.name)
+    print(f"private key (stays on this SuperNode): {paths.private_key}")
+    print(f"public key (send to the coordinator):  {paths.public_key}")
+    return 0
+
+
+def _run_check_connection(args: argparse.Namespace) -> int:
+    from client.connection_check import check_superlink_connection
+
+    print(check_superlink_connection(args.superlink, args.root_certificates))
+    return 0
+
+
+def _run_split(args: argparse.Namespace) -> int:
+    from common.config import SplitConfig
+    from common.sources import load_source
+
+    source = load_source(
+        args.data,
+        args.label,
+        args.partition_by,
+        args.positive_label,
+        synthetic_rows=args.rows,
+        synthetic_banks=args.banks,
+        seed=args.seed,
+    )
+    split = source.split(SplitConfig(num_banks=args.banks, seed=args.seed))
+    args.out.mkdir(parents=True, exist_ok=True)
+    split.public.to_parquet(args.out / "public.parquet", index=False)
+    for bank in split.banks:
+        (args.out / bank.name).mkdir(exist_ok=True)
+        bank.train.to_parquet(args.out / bank.name / "train.parquet", index=False)
+        bank.test.to_parquet(args.out / bank.name / "test.parquet", index=False)
+        print(
+            f"{bank.name}: {len(bank.train)} train / {len(bank.test)} test rows -> "
+            f"{args.out / bank.name}"
+        )
+    return 0
 
 
 def _run_audit(args: argparse.Namespace) -> int:
