@@ -26,9 +26,11 @@ def check_superlink_connection(address: str, root_certificates: Path, timeout: f
             f"--root-certificates {root_certificates}: not a PEM CA certificate ({exc.reason})"
         ) from None
     try:
-        with socket.create_connection((host, int(port_text)), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=host) as tls:
-                version = tls.version()
+        with (
+            socket.create_connection((host, int(port_text)), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            version = tls.version()
     except ssl.SSLCertVerificationError as exc:
         if "match" in str(exc.verify_message) or "hostname" in str(exc).lower():
             raise ConfigError(
@@ -41,7 +43,7 @@ def check_superlink_connection(address: str, root_certificates: Path, timeout: f
         ) from None
     except ssl.SSLError as exc:
         raise ConfigError(f"{address}: TLS handshake failed ({exc.reason}); is it TLS?") from None
-    except (ConnectionRefusedError, socket.timeout, OSError) as exc:
+    except OSError as exc:  # refused, unreachable, timed out
         raise ConfigError(
             f"{address}: cannot connect ({exc.__class__.__name__}); is the SuperLink running "
             "and reachable from this machine?"
