@@ -16,8 +16,6 @@ import torch
 from client.bank_data import load_bank_data
 from client.bank_settings import BankSettings
 from client.bank_state import BankState
-from client.budget import approve_round
-from client.dp_training import train_with_dp
 from client.release import record_release
 from common.accounting import DpEvent, epsilon_spent, merged_history
 from common.errors import PrivacyBudgetError
@@ -80,6 +78,11 @@ def train_round(
     run_id: int,
 ) -> BankReply:
     """DP fine-tuning of encoder + private head; returns only the encoder and allowed numbers."""
+    # Opacus loads here, not at import: every Flower message starts a fresh ClientApp
+    # process, and evaluation messages do not need it (see benchmarks/round_latency.md).
+    from client.budget import approve_round
+    from client.dp_training import train_with_dp
+
     state = BankState(settings.state_dir)
     policy = settings.policy
     train, _ = load_bank_data(
@@ -147,7 +150,8 @@ def evaluate_round(
             "no private head yet: this bank has not trained in this federation"
         )
     model = _model_for(settings, state, instructions, encoder, None)
-    spent = epsilon_spent(state.ledger.dp_events(), policy.delta, policy.accountant)
+    entries = state.ledger.entries()  # verifies the chain
+    spent = float(entries[-1]["epsilon_cumulative"]) if entries else 0.0
     metrics: dict[str, float | int] = {EPSILON: spent}
     if policy.release_eval_metrics:
         scores = credit_metrics(test.label, predict_proba(model, test))  # type: ignore[arg-type]

@@ -11,11 +11,12 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.accountant import IAccountant
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opacus.accountants.accountant import IAccountant
 
 ACCOUNTANTS = ("prv", "rdp")
 _EPS_ERROR = 0.01
@@ -52,7 +53,11 @@ def merged_history(events: Iterable[DpEvent]) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
-def new_accountant(name: str) -> IAccountant:
+def new_accountant(name: str) -> "IAccountant":
+    # Opacus is imported here, not at the top: a ClientApp starts a fresh process for every
+    # message, and evaluation messages never need an accountant.
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if name == "prv":
         return PRVAccountant()
     if name == "rdp":
@@ -70,7 +75,7 @@ def epsilon_of_history(
     accountant.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if isinstance(accountant, PRVAccountant):
+        if name == "prv":
             return float(accountant.get_epsilon(delta, eps_error=_EPS_ERROR))
         return float(accountant.get_epsilon(delta))
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from common.config import SplitConfig
 from common.errors import ConfigError, DataError
@@ -47,6 +46,8 @@ def split_train_test(
     frame: pd.DataFrame, label: str, test_fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Seeded split, stratified by label when both parts can hold both classes."""
+    from sklearn.model_selection import train_test_split  # heavy; only some paths split
+
     counts = frame[label].value_counts()
     n_test = math.ceil(test_fraction * len(frame))  # how scikit-learn sizes the test part
     can_stratify = len(counts) == 2 and counts.min() >= 2 and min(n_test, len(frame) - n_test) >= 2

@@ -26,6 +26,27 @@ EVAL_METRICS = ("auc", "ks", "log-loss", "brier")
 ALLOWED_TRAIN_METRICS = frozenset({NUM_EXAMPLES, EPSILON})
 ALLOWED_EVAL_METRICS = frozenset({NUM_EXAMPLES, EPSILON, *EVAL_METRICS})
 ALLOWED_REPLY_RECORDS = frozenset({ARRAYS, METRICS, STATUS})
+# Settings that belong to the bank's privacy policy. A server that sends any of them is
+# asking for something it may not decide: the round is declined, not silently adjusted.
+POLICY_KEYS = frozenset(
+    {
+        "noise-multiplier",
+        "min-noise-multiplier",
+        "max-grad-norm",
+        "clipping-norm",
+        "epsilon",
+        "epsilon-budget",
+        "delta",
+        "dp",
+        "disable-dp",
+        "secure-mode",
+        "accountant",
+        "release-num-examples",
+        "release-eval-metrics",
+        "state-dir",
+        "data-path",
+    }
+)
 STATUS_OK = "ok"
 STATUS_DECLINED = "declined"
 
@@ -57,6 +78,11 @@ class RoundInstructions:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RoundInstructions":
         """Parse and check; anything malformed is a `ConfigError` naming the key."""
+        forbidden = sorted(POLICY_KEYS & set(config))
+        if forbidden:
+            raise ConfigError(
+                f"round config sets '{forbidden[0]}', which only the bank's policy decides"
+            )
         try:
             plan = TrainPlanConfig(
                 mode=str(config.get("mode", "full")),  # type: ignore[arg-type]
