@@ -92,7 +92,9 @@ for _ in $(seq 600); do
     sleep 2
 done
 flwr ls fedfin --format json >"$work/runs.json"
-echo "run status: $status"
+run_id="$(python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["run-id"])' <"$work/runs.json")"
+flwr log "$run_id" fedfin --show >"$work/serverapp.log" 2>&1 || true
+echo "run $run_id status: $status"
 
 # --- Each bank: audit its own ledger --------------------------------------------------
 for bank in "${banks[@]}"; do
