@@ -7,10 +7,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from common.config import FINE_TUNE_MODES, STRATEGY_NAMES
 from common.errors import ConfigError, FedfinError
+
+if TYPE_CHECKING:
+    from common.sources import DataSource
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,43 +23,52 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(flag: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
+def _number(
+    flag: str, kind: Callable[[str], float], valid: Callable[[float], bool], wanted: str
+) -> Callable[[str], Any]:
+    """An argparse type: parse with `kind`, then refuse values `valid` rejects, naming the flag."""
+
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{text}'") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {value}")
+            raise argparse.ArgumentTypeError(f"{flag} must be {wanted}, got '{text}'") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{flag} must be {wanted}, got {text}")
         return value
 
     return parse
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    return _number(flag, int, lambda v: v > 0, "a positive integer")
 
 
 def _non_negative_int(flag: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{text}'") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be 0 or more, got {value}")
-        return value
-
-    return parse
+    return _number(flag, int, lambda v: v >= 0, "an integer, 0 or more")
 
 
 def _positive_float(flag: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{text}'") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive number, got {text}")
-        return value
+    return _number(flag, float, lambda v: 0 < v < float("inf"), "a positive number")
 
-    return parse
+
+def _probability(flag: str) -> Callable[[str], float]:
+    return _number(flag, float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+def _source_from(args: argparse.Namespace) -> "DataSource":
+    """The data source the --data flags describe."""
+    from common.sources import load_source
+
+    return load_source(
+        args.data,
+        args.label,
+        args.partition_by,
+        args.positive_label,
+        synthetic_rows=args.rows,
+        synthetic_banks=args.banks,
+        seed=args.seed,
+    )
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -257,17 +269,8 @@ def _run_check_connection(args: argparse.Namespace) -> int:
 
 def _run_split(args: argparse.Namespace) -> int:
     from common.config import SplitConfig
-    from common.sources import load_source
 
-    source = load_source(
-        args.data,
-        args.label,
-        args.partition_by,
-        args.positive_label,
-        synthetic_rows=args.rows,
-        synthetic_banks=args.banks,
-        seed=args.seed,
-    )
+    source = _source_from(args)
     split = source.split(SplitConfig(num_banks=args.banks, seed=args.seed))
     args.out.mkdir(parents=True, exist_ok=True)
     split.public.to_parquet(args.out / "public.parquet", index=False)
@@ -304,34 +307,12 @@ def _run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probability(flag: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{text}'") from None
-        if not 0.0 < value < 1.0:
-            raise argparse.ArgumentTypeError(f"{flag} must be in (0, 1), got {text}")
-        return value
-
-    return parse
-
-
 def _run_simulate(args: argparse.Namespace) -> int:
     from common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
-    from common.sources import load_source
     from simulations.report_table import bank_table
     from simulations.simulate import SimulationRequest, simulate
 
-    source = load_source(
-        args.data,
-        args.label,
-        args.partition_by,
-        args.positive_label,
-        synthetic_rows=args.rows,
-        synthetic_banks=args.banks,
-        seed=args.seed,
-    )
+    source = _source_from(args)
     request = SimulationRequest(
         source=source,
         split=SplitConfig(num_banks=args.banks, seed=args.seed),
@@ -373,20 +354,11 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from common.config import PretrainConfig, SplitConfig
-    from common.sources import load_source
     from server.pretrain import pretrain
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
-    source = load_source(
-        args.data,
-        args.label,
-        args.partition_by,
-        args.positive_label,
-        synthetic_rows=args.rows,
-        synthetic_banks=args.banks,
-        seed=args.seed,
-    )
+    source = _source_from(args)
     split = source.split(SplitConfig(num_banks=args.banks, seed=args.seed))
     result = pretrain(
         split.public,

@@ -116,7 +116,7 @@ BAD_INPUTS = {
         ["--data", "{no-label}", "--label", "default"],
         "label column 'default' is missing",
     ),
-    "negative-banks": (["--banks", "-1"], "--banks must be positive"),
+    "negative-banks": (["--banks", "-1"], "--banks must be a positive integer"),
     "file-without-label-flag": (["--data", "{good}"], "--label is required"),
     "label-with-three-values": (
         ["--data", "{three-labels}", "--label", "default"],
@@ -126,7 +126,7 @@ BAD_INPUTS = {
         ["--data", "{good}", "--label", "default", "--partition-by", "bank", "--banks", "9"],
         "use fewer banks",
     ),
-    "negative-seed": (["--seed", "-1"], "--seed must be 0 or more"),
+    "negative-seed": (["--seed", "-1"], "--seed must be an integer, 0 or more"),
     "out-is-a-file": (["--out", "{good}"], "exists and is not a directory"),
 }
 
