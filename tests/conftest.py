@@ -45,3 +45,12 @@ def pretrained(
         progress=False,
     )
     return Pretrained(split, source, checkpoint_dir, result)
+
+
+def write_bank_data(pretrained: Pretrained, index: int, directory: Path) -> Path:
+    """Bank `index`'s train/test tables as a SuperNode's data directory; returns it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bank = pretrained.split.banks[index]
+    bank.train.to_parquet(directory / "train.parquet")
+    bank.test.to_parquet(directory / "test.parquet")
+    return directory

@@ -18,7 +18,7 @@ from common.config import PrivacyPolicy, TrainPlanConfig
 from common.errors import PrivacyBudgetError
 from common.ledger import PrivacyLedger, events_of
 from common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
-from tests.conftest import Pretrained
+from tests.conftest import Pretrained, write_bank_data
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,7 @@ def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
 @pytest.fixture
 def bank(pretrained: Pretrained, tmp_path: Path) -> BankSettings:
     """Bank 0 of the built-in split, with its own data directory and state directory."""
-    data = tmp_path / "data"
-    data.mkdir()
-    pretrained.split.banks[0].train.to_parquet(data / "train.parquet")
-    pretrained.split.banks[0].test.to_parquet(data / "test.parquet")
+    data = write_bank_data(pretrained, 0, tmp_path / "data")
     return BankSettings("bank-00", data, tmp_path / "state", PrivacyPolicy(epsilon_budget=1.0))
 
 

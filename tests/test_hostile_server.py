@@ -15,7 +15,7 @@ from common.config import TrainPlanConfig
 from common.ledger import PrivacyLedger
 from common.protocol import RoundInstructions
 from common.shared_weights import to_array_record
-from tests.conftest import Pretrained
+from tests.conftest import Pretrained, write_bank_data
 
 Arrays = OrderedDict[str, np.ndarray]
 
@@ -36,10 +36,7 @@ def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
 
 @pytest.fixture
 def bank_context(pretrained: Pretrained, tmp_path: Path) -> Context:
-    data = tmp_path / "data"
-    data.mkdir()
-    pretrained.split.banks[1].train.to_parquet(data / "train.parquet")
-    pretrained.split.banks[1].test.to_parquet(data / "test.parquet")
+    data = write_bank_data(pretrained, 1, tmp_path / "data")
     node_config = {
         "data-path": str(data),
         "state-dir": str(tmp_path / "state"),
