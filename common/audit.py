@@ -129,10 +129,10 @@ def audit_state_dir(state_dir: Path) -> BankAudit:
     audit.epsilon_recorded = float(entries[-1].get("epsilon_cumulative", 0.0))
     audit.epsilon_pld = dp_accounting_epsilon(all_events, audit.delta, "pld")
     audit.epsilon_rdp = dp_accounting_epsilon(all_events, audit.delta, "rdp")
-    audit.curve = [
+    audit.curve = [  # one point per training release: ε only moves when the bank trains
         (int(e.get("seq", i + 1)), int(e.get("server_round", 0)), float(e["epsilon_cumulative"]))
         for i, e in enumerate(entries)
-        if "epsilon_cumulative" in e
+        if "epsilon_cumulative" in e and e.get("kind") == "train"
     ]
     for index in _checkpoints(entries):
         prefix = [event for events in events_per_entry[: index + 1] for event in events]

@@ -78,18 +78,20 @@ def write_epsilon_plot(path: Path, audits: list[BankAudit]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for index, audit in enumerate(audits):
         colour = f"C{index % 10}"
         if audit.curve:
-            xs = list(range(1, len(audit.curve) + 1))
-            axes.step(
-                xs, [e for _, _, e in audit.curve], where="post", color=colour, label=audit.bank
-            )
+            xs = list(range(len(audit.curve) + 1))
+            ys = [0.0] + [e for _, _, e in audit.curve]
+            axes.plot(xs, ys, marker="o", markersize=3, color=colour, label=audit.bank)
         if audit.budget is not None:
             axes.axhline(audit.budget, color=colour, linestyle="--", linewidth=0.8)
-    axes.set_xlabel("release (ledger entry)")
+    axes.set_xlabel("training rounds released (all runs, in order)")
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("cumulative ε")
     axes.set_title("Privacy spent per bank (dashed: budget)")
     if audits:
