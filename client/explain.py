@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from client.scoring import Scorer, embeddings_of
+from client.scoring import Scorer, embeddings_of, sigmoid
 from common.atomic import write_atomically
 from common.errors import ConfigError
 from common.model import CreditModel
@@ -48,11 +48,11 @@ class Explanation:
 
     @property
     def probability(self) -> float:
-        return _sigmoid(self.logit)
+        return sigmoid(self.logit)
 
     @property
     def reference_probability(self) -> float:
-        return _sigmoid(self.reference_logit)
+        return sigmoid(self.reference_logit)
 
     def ranked(self) -> list[tuple[str, object, float]]:
         """(feature, value, attribution), from the largest push towards default downwards."""
@@ -218,10 +218,6 @@ class Explainer:
             seed=seed,
             max_convergence_delta=float(np.abs(deltas).max()),
         )
-
-
-def _sigmoid(logit: float) -> float:
-    return 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1 + math.exp(logit))
 
 
 # --- for people: tables and charts -------------------------------------------------------

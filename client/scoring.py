@@ -185,7 +185,7 @@ class Scorer:
 
     def score_one(self, application: Mapping[str, object], source: str = "application") -> float:
         """Probability of default for one application (a dict of feature name to value)."""
-        return _sigmoid(self.logit_one(application, source))
+        return sigmoid(self.logit_one(application, source))
 
     # --- a table -----------------------------------------------------------------------
 
@@ -208,7 +208,8 @@ class Scorer:
         return 1.0 / (1.0 + np.exp(-logits))
 
 
-def _sigmoid(logit: float) -> float:
+def sigmoid(logit: float) -> float:
+    """Probability from log-odds, without overflow for large negative logits."""
     if logit >= 0:
         return 1.0 / (1.0 + math.exp(-logit))
     z = math.exp(logit)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from common.config import FINE_TUNE_MODES, STRATEGY_NAMES
 from common.errors import ConfigError, FedfinError
+from simulations.cli_bank import add_bank_commands
 
 if TYPE_CHECKING:
     from common.sources import DataSource
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--banks", type=_positive_int("--banks"), default=3)
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(run=_run_split)
+    add_bank_commands(commands)
     return parser
 
 

@@ -1,0 +1,261 @@
+"""`fedfin score`, `fedfin explain` and `fedfin serve`: the bank's model at work, inside the bank.
+
+Each takes the bank's state directory (its private head) and the global encoder checkpoint
+(e.g. RUN/final or RUN/global/round-NNN). Nothing is sent anywhere. Bad input raises a
+`FedfinError`, which the main CLI prints as one line with its exit code.
+"""
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Heavy imports (pandas, torch, captum, uvicorn) wait until a command runs: `fedfin --help`
+# stays fast.
+
+PROBABILITY_COLUMN = "default_probability"
+DECISION_COLUMN = "decision"
+
+
+def _number(flag: str, low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{text}'") from None
+        if not low < value < high:
+            raise argparse.ArgumentTypeError(f"{flag} must be in ({low:g}, {high:g}), got {text}")
+        return value
+
+    return parse
+
+
+def _integer(flag: str, minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _integer("--port", 1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"--port must be at most 65535, got {value}")
+    return value
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="the bank's state directory (holds its private head: head.npz, head.json)",
+    )
+    parser.add_argument(
+        "--encoder",
+        type=Path,
+        required=True,
+        help="global encoder checkpoint directory, e.g. RUN/final or RUN/global/round-005",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_integer("--threads", 1),
+        default=1,
+        help="torch threads (default 1: on a busy small machine more threads wait on each other)",
+    )
+
+
+def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
+    """Add `score`, `explain` and `serve` to the `fedfin` command line."""
+    score = commands.add_parser(
+        "score",
+        help="score applications with the global encoder and this bank's private head",
+        description=(
+            "Validate a CSV/Parquet of applications against the encoder's schema and write it "
+            f"back with a '{PROBABILITY_COLUMN}' column (and '{DECISION_COLUMN}' with "
+            "--threshold) to --out, as CSV or Parquet by its suffix. Runs offline."
+        ),
+    )
+    _add_model_flags(score)
+    score.add_argument("--data", type=Path, required=True, help="applications (CSV/Parquet)")
+    score.add_argument("--out", type=Path, required=True, help="output .csv or .parquet file")
+    score.add_argument(
+        "--threshold",
+        type=_number("--threshold", 0.0, 1.0),
+        help="add a decision column: 'decline' at or above this default probability",
+    )
+    score.set_defaults(run=run_score)
+
+    explain = commands.add_parser(
+        "explain",
+        help="why applications score as they do: top reasons, charts, global importance",
+        description=(
+            "Integrated gradients through encoder and private head, in log-odds of default, "
+            "from a reference applicant (public medians, unknown categories). For each --rows "
+            "application: a table of the top reasons its score is high and a PNG chart; for "
+            "the model: mean |attribution| over a seeded sample of --data, as CSV and PNG. "
+            "Writes to --out; runs offline."
+        ),
+    )
+    _add_model_flags(explain)
+    explain.add_argument("--data", type=Path, required=True, help="applications (CSV/Parquet)")
+    explain.add_argument("--out", type=Path, required=True, help="directory for tables and PNGs")
+    explain.add_argument(
+        "--rows",
+        type=_integer("--rows", 0),
+        nargs="+",
+        default=[0],
+        help="row positions in --data to explain, 0-based (default: 0)",
+    )
+    explain.add_argument(
+        "--top", type=_integer("--top", 1), default=5, help="reasons to list per application"
+    )
+    explain.add_argument(
+        "--sample",
+        type=_integer("--sample", 1),
+        default=500,
+        help="rows of --data for the global importance (seeded sample)",
+    )
+    explain.add_argument("--seed", type=_integer("--seed", 0), default=0)
+    explain.add_argument(
+        "--steps",
+        type=_integer("--steps", 2),
+        help="integrated-gradients steps (Gauss-Legendre; default 32, |delta| about 1e-8)",
+    )
+    explain.set_defaults(run=run_explain)
+
+    serve = commands.add_parser(
+        "serve",
+        help="HTTP service inside the bank: POST /score, POST /explain, GET /health",
+        description=(
+            "Load the model once and serve it over HTTP (FastAPI on uvicorn). The body of "
+            "/score and /explain is one application as a JSON object of feature: value; bad "
+            "input gets a 422 naming the field. Binds to 127.0.0.1 unless --host says otherwise."
+        ),
+    )
+    _add_model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument(
+        "--threshold",
+        type=_number("--threshold", 0.0, 1.0),
+        help="add a decision to /score: 'decline' at or above this default probability",
+    )
+    serve.add_argument("--no-explain", action="store_true", help="leave out /explain")
+    serve.set_defaults(run=run_serve)
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _check_table_path(flag: str, path: Path) -> None:
+    from common.tables import TABLE_SUFFIXES
+
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise ConfigError(f"{flag} {path}: use a .csv or .parquet file name")
+
+
+def write_table(path: Path, frame: "pd.DataFrame") -> None:
+    """CSV or Parquet by suffix, written atomically."""
+    from common.atomic import write_atomically
+
+    if path.suffix.lower() == ".csv":
+        write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
+    else:
+        write_atomically(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def run_score(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from client.scoring import Scorer
+    from common.tables import read_table
+
+    _check_table_path("--out", args.out)
+    _set_threads(args.threads)
+    scorer = Scorer.load(args.state_dir, args.encoder)
+    frame = read_table(args.data)
+    added = [PROBABILITY_COLUMN] + ([DECISION_COLUMN] if args.threshold is not None else [])
+    for column in added:
+        if column in frame.columns:
+            raise DataError(f"{args.data}: already has a column '{column}'; rename it first")
+    probability = scorer.score_frame(frame, str(args.data))
+    scored = frame.copy()
+    scored[PROBABILITY_COLUMN] = probability
+    summary = f"mean default probability {probability.mean():.4f}"
+    if args.threshold is not None:
+        declined = probability >= args.threshold
+        scored[DECISION_COLUMN] = np.where(declined, "decline", "approve")
+        summary += f"; {int(declined.sum())} at or above {args.threshold:g} (decline)"
+    write_table(args.out, scored)
+    print(f"scored {len(frame)} applications ({summary}) -> {args.out}")
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from client.explain import (
+        Explainer,
+        explanation_frame,
+        importance_frame,
+        importance_table,
+        reasons_table,
+        write_explanation_chart,
+        write_importance_chart,
+    )
+    from client.scoring import Scorer
+    from common.tables import read_table
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    _set_threads(args.threads)
+    scorer = Scorer.load(args.state_dir, args.encoder)
+    frame = read_table(args.data)
+    for row in args.rows:
+        if row >= len(frame):
+            raise ConfigError(f"--rows {row}: {args.data} has only {len(frame)} rows")
+    explainer = Explainer(scorer) if args.steps is None else Explainer(scorer, args.steps)
+    explanations = explainer.explain_rows(frame, args.rows, str(args.data))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for row, explanation in zip(args.rows, explanations, strict=True):
+        print(f"\napplication at row {row} of {args.data}:")
+        print(reasons_table(explanation, args.top))
+        write_table(args.out / f"reasons-row-{row}.csv", explanation_frame(explanation))
+        write_explanation_chart(args.out / f"reasons-row-{row}.png", explanation)
+    importance = explainer.global_importance(frame, args.sample, args.seed, str(args.data))
+    print("\nwhat drives this bank's model (global importance):")
+    print(importance_table(importance))
+    write_table(args.out / "global-importance.csv", importance_frame(importance))
+    write_importance_chart(args.out / "global-importance.png", importance)
+    print(f"\ntables and charts: {args.out}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from client.explain import Explainer
+    from client.scoring import Scorer
+    from client.serve import create_app
+
+    _set_threads(args.threads)
+    scorer = Scorer.load(args.state_dir, args.encoder)
+    explainer = None if args.no_explain else Explainer(scorer)
+    app = create_app(scorer, explainer, args.threshold)
+    endpoints = "/score, /health" + ("" if args.no_explain else ", /explain")
+    print(f"serving {endpoints} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
