@@ -24,6 +24,7 @@ from common.model import CreditModel
 HEAD_FILE = "head.npz"
 HEAD_META_FILE = "head.json"
 PLAN_FILE = "plan.json"
+LAST_RELEASE_FILE = "last-release.npz"
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,37 @@ class BankState:
 
     def save_noise_plan(self, plan: NoisePlan) -> None:
         write_json_atomically(self.dir / PLAN_FILE, asdict(plan))
+
+    def save_last_release(
+        self,
+        federation_id: str,
+        server_round: int,
+        arrays: dict[str, np.ndarray],
+        metrics: dict[str, float | int],
+    ) -> None:
+        """Keep the last encoder sent, to replay it if a restarted server asks again."""
+        payload = {f"array/{k}": v for k, v in arrays.items()}
+        payload |= {f"metric/{k}": np.asarray(v) for k, v in metrics.items()}
+        payload["federation"] = np.asarray(federation_id)
+        payload["round"] = np.asarray(server_round)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **payload)  # type: ignore[arg-type]
+
+        write_atomically(self.dir / LAST_RELEASE_FILE, write)
+
+    def last_release(
+        self, federation_id: str, server_round: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, float | int]] | None:
+        """The saved release of that federation's round, if it is the one on disk."""
+        path = self.dir / LAST_RELEASE_FILE
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if str(npz["federation"]) != federation_id or int(npz["round"]) != server_round:
+                    return None
+                arrays = {k[6:]: npz[k] for k in npz.files if k.startswith("array/")}
+                metrics = {k[7:]: npz[k].item() for k in npz.files if k.startswith("metric/")}
+        except (FileNotFoundError, OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+        return arrays, metrics

@@ -85,6 +85,9 @@ def train_round(
 
     state = BankState(settings.state_dir)
     policy = settings.policy
+    replay = _replay_if_already_released(state, settings, instructions, run_id)
+    if replay is not None:
+        return replay
     train, _ = load_bank_data(
         settings.data_path, instructions.schema, settings.test_fraction, settings.seed
     )
@@ -108,6 +111,10 @@ def train_round(
     metrics: dict[str, float | int] = {EPSILON: cumulative}
     if policy.release_num_examples:
         metrics[NUM_EXAMPLES] = len(train.numeric)
+    if instructions.federation_id:
+        state.save_last_release(
+            instructions.federation_id, instructions.server_round, dict(arrays), metrics
+        )
     record_release(
         state,
         settings,
@@ -118,6 +125,7 @@ def train_round(
         cumulative,
         arrays,
         metrics,
+        instructions.federation_id,
     )
     log.info(
         "%s round %d: %d DP steps, σ=%.3f, ε %.4f -> %.4f of %.4f%s",
@@ -131,6 +139,50 @@ def train_round(
         " (trimmed to fit the budget)" if approved.trimmed else "",
     )
     return BankReply(arrays=arrays, metrics=metrics)
+
+
+def _replay_if_already_released(
+    state: BankState, settings: BankSettings, instructions: RoundInstructions, run_id: int
+) -> BankReply | None:
+    """A restarted server may ask again for a round this bank already released.
+
+    Re-sending the very same arrays costs no privacy (nothing new is computed from the
+    data), so the bank replays them and records the replay; it never trains twice for
+    one round of one federation. If the release cannot be replayed, the round is declined.
+    """
+    if not instructions.federation_id:
+        return None
+    entries = state.ledger.entries()
+    done = [
+        e
+        for e in entries
+        if e.get("kind") == "train"
+        and e.get("federation_id") == instructions.federation_id
+        and e.get("server_round") == instructions.server_round
+    ]
+    if not done:
+        return None
+    saved = state.last_release(instructions.federation_id, instructions.server_round)
+    if saved is None or saved[1].get(EPSILON) != done[-1]["epsilon_cumulative"]:
+        raise PrivacyBudgetError(
+            f"round {instructions.server_round} of this federation was already released "
+            "and cannot be replayed; not training twice"
+        )
+    arrays, metrics = saved
+    record_release(
+        state,
+        settings,
+        run_id,
+        instructions.server_round,
+        "train-replay",
+        [],
+        float(done[-1]["epsilon_cumulative"]),
+        arrays,
+        metrics,
+        instructions.federation_id,
+    )
+    log.info("%s replayed its round %d release", settings.name, instructions.server_round)
+    return BankReply(arrays=OrderedDict(arrays), metrics=dict(metrics))
 
 
 def evaluate_round(
@@ -159,7 +211,16 @@ def evaluate_round(
     if policy.release_num_examples:
         metrics[NUM_EXAMPLES] = len(test.numeric)
     record_release(
-        state, settings, run_id, instructions.server_round, "evaluate", [], spent, {}, metrics
+        state,
+        settings,
+        run_id,
+        instructions.server_round,
+        "evaluate",
+        [],
+        spent,
+        {},
+        metrics,
+        instructions.federation_id,
     )
     return BankReply(metrics=metrics)
 

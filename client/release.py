@@ -48,6 +48,7 @@ def record_release(
     epsilon_cumulative: float,
     arrays: Mapping[str, np.ndarray],
     metrics: Mapping[str, float | int],
+    federation_id: str = "",
 ) -> dict[str, Any]:
     """Append the release to the ledger (flushed and fsync'ed); return the entry."""
     policy = settings.policy
@@ -56,6 +57,7 @@ def record_release(
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "bank": settings.name,
             "run_id": int(run_id),
+            "federation_id": federation_id,
             "server_round": int(server_round),
             "kind": kind,
             "unit_of_privacy": UNIT_OF_PRIVACY,

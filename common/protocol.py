@@ -61,6 +61,7 @@ class RoundInstructions:
     schema: FeatureSchema
     model_config: ModelConfig
     proximal_mu: float = 0.0  # FedProx: Flower's strategy adds "proximal-mu" to the config
+    federation_id: str = ""  # stable across server restarts: a resumed round is not re-charged
 
     def to_config(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class RoundInstructions:
             "learning-rate": float(self.plan.learning_rate),
             "schema": self.schema.to_json(),
             "model-config": json.dumps(asdict(self.model_config)),
+            "federation-id": self.federation_id,
         }
 
     @classmethod
@@ -96,6 +98,7 @@ class RoundInstructions:
             schema = FeatureSchema.from_json(str(config["schema"]))
             model_config = ModelConfig.from_dict(json.loads(str(config["model-config"])))
             proximal_mu = float(config.get("proximal-mu", 0.0))
+            federation_id = str(config.get("federation-id", ""))
         except KeyError as exc:
             raise ConfigError(f"round config is missing '{exc.args[0]}'") from None
         except (TypeError, ValueError) as exc:
@@ -104,4 +107,4 @@ class RoundInstructions:
             raise ConfigError(f"round config: server-round {server_round} of {num_rounds}")
         if not 0.0 <= proximal_mu <= 100.0:
             raise ConfigError(f"round config: proximal-mu must be in [0, 100], got {proximal_mu}")
-        return cls(server_round, num_rounds, plan, schema, model_config, proximal_mu)
+        return cls(server_round, num_rounds, plan, schema, model_config, proximal_mu, federation_id)

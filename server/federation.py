@@ -6,12 +6,13 @@ bank to evaluate the new encoder with its private head, then write the global en
 checkpoint and the round's summary before the next round starts.
 """
 
+import hashlib
 import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common.atomic import write_json_atomically
-from common.checkpoint import EncoderCheckpoint, save_encoder_checkpoint
+from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, save_encoder_checkpoint
 from common.config import FederationConfig
 from common.protocol import METRICS, NUM_EXAMPLES, SOURCE_HEAD, RoundInstructions
 from common.shared_weights import from_array_record, to_array_record
-from server.round_summary import RoundSummary, note_evaluate_reply, note_train_reply
+from server.round_summary import (
+    RoundSummary,
+    note_evaluate_reply,
+    note_missing_replies,
+    note_train_reply,
+)
+from server.server_state import load_state, new_state, restore_strategy, save_state
 from server.strategy import WEIGHT_KEY, build_strategy
 
 log = logging.getLogger("fedfin.server")
@@ -53,16 +60,36 @@ def run_federation(
 ) -> FederationResult:
     """Run `config.num_rounds` rounds; checkpoint and summarise after each."""
     strategy = build_strategy(config)
-    arrays: ArrayRecord = to_array_record(start.arrays)
-    head_record = to_array_record(source_head) if source_head else None
-    save_encoder_checkpoint(
-        round_dir(out_dir, 0), start.schema, start.model_config, start.arrays, {"round": 0}
-    )
+    fingerprint = _config_fingerprint(config, start)
+    state = load_state(out_dir, fingerprint, config.num_rounds)
     rounds: list[dict[str, Any]] = []
-    for server_round in range(1, config.num_rounds + 1):
+    if state is None:
+        state = new_state(fingerprint)
+        arrays: ArrayRecord = to_array_record(start.arrays)
+        save_encoder_checkpoint(
+            round_dir(out_dir, 0), start.schema, start.model_config, start.arrays, {"round": 0}
+        )
+        (out_dir / ROUNDS_FILE).unlink(missing_ok=True)
+        save_state(out_dir, state, strategy)
+    else:  # resume after a crash: the last completed round's encoder and strategy state
+        arrays = to_array_record(
+            load_encoder_checkpoint(round_dir(out_dir, state.completed_round)).arrays
+        )
+        restore_strategy(out_dir, strategy)
+        rounds = _completed_rounds(out_dir, state.completed_round)
+        log.warning(
+            "resuming federation %s after round %d", state.federation_id, state.completed_round
+        )
+    head_record = to_array_record(source_head) if source_head else None
+    for server_round in range(state.completed_round + 1, config.num_rounds + 1):
         started = time.perf_counter()
         instructions = RoundInstructions(
-            server_round, config.num_rounds, config.train, start.schema, start.model_config
+            server_round,
+            config.num_rounds,
+            config.train,
+            start.schema,
+            start.model_config,
+            federation_id=state.federation_id,
         )
         round_config = ConfigRecord(instructions.to_config())
         summary = RoundSummary(server_round, banks={}, aggregated=False)
@@ -73,6 +100,7 @@ def run_federation(
                 message.content[SOURCE_HEAD] = head_record
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
         accepted = [m for m in replies if note_train_reply(summary, m)]
+        note_missing_replies(summary, messages, replies, state.bank_names)
         if len(accepted) >= config.min_banks:
             _set_weights(accepted)
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
@@ -87,11 +115,14 @@ def run_federation(
                 config.min_banks,
             )
 
-        evaluation = strategy.configure_evaluate(
-            server_round, arrays, ConfigRecord(instructions.to_config()), grid
+        evaluation = list(
+            strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord(instructions.to_config()), grid
+            )
         )
         for reply in grid.send_and_receive(evaluation, timeout=config.round_timeout):
             note_evaluate_reply(summary, reply)
+        state.bank_names.update({str(n): b.bank for n, b in summary.banks.items()})
 
         summary.seconds = time.perf_counter() - started
         record = summary.as_dict()
@@ -104,6 +135,8 @@ def run_federation(
         )
         with open(out_dir / ROUNDS_FILE, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        state.completed_round = server_round
+        save_state(out_dir, state, strategy)
         rounds.append(record)
         if on_round is not None:
             on_round(record)
@@ -118,6 +151,28 @@ def run_federation(
     )
     write_json_atomically(out_dir / "federation.json", {"rounds": rounds})
     return FederationResult(final_arrays=final, rounds=rounds)
+
+
+def _config_fingerprint(config: FederationConfig, start: EncoderCheckpoint) -> str:
+    """What must not change between a crash and its resume: the plan and the start encoder."""
+    payload = {**asdict(config), "round_timeout": None, "encoder": start.schema.fingerprint}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _completed_rounds(out_dir: Path, completed: int) -> list[dict[str, Any]]:
+    """Summaries of the rounds done before the crash; a half-written line is dropped."""
+    path = out_dir / ROUNDS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("round", 0) <= completed:
+            kept.append(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def _set_weights(accepted: list[Message]) -> None:

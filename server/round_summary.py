@@ -117,3 +117,17 @@ def note_evaluate_reply(summary: RoundSummary, message: Message) -> None:
                 row.metrics[key] = float(value)
         if EPSILON in row.metrics:
             row.epsilon = row.metrics.pop(EPSILON)
+
+
+def note_missing_replies(
+    summary: RoundSummary, sent: list[Message], replies: list[Message], names: dict[str, str]
+) -> None:
+    """Banks that were asked but did not answer before the round timeout."""
+    answered = {m.metadata.src_node_id for m in replies}
+    for message in sent:
+        node = message.metadata.dst_node_id
+        if node not in answered:
+            bank = names.get(str(node), f"node-{node}")
+            summary.banks[node] = BankRound(
+                bank=bank, node_id=node, train_status="no reply before the round timeout"
+            )

@@ -96,10 +96,11 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
 
     started = time.perf_counter()
     _run_flower_simulation(federation, banks, on_round, request)
+    rounds = _rounds_on_disk(out)  # includes rounds done before a crash, when resuming
     if len(rounds) != federation.num_rounds:
         raise FedfinError(
             f"the simulation stopped after {len(rounds)} of {federation.num_rounds} rounds; "
-            "rerun with --verbose to see Flower's log"
+            "run the same command again to resume, or add --verbose to see Flower's log"
         )
     report = _report(request, split, banks, before, epsilon_at_start, rounds, started, checkpoint)
     write_json_atomically(out / REPORT, report)
@@ -145,6 +146,11 @@ def _run_flower_simulation(
         },
         verbose_logging=verbose,
     )
+
+
+def _rounds_on_disk(out: Path) -> list[dict[str, Any]]:
+    path = out / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _ledger_epsilon(state_dir: Path, policy: PrivacyPolicy) -> float:

@@ -203,3 +203,24 @@ def test_fedprox_term_keeps_the_encoder_closer_to_the_global_one(
         )
 
     assert distance(5.0, "prox") < distance(0.0, "plain")
+
+
+def test_a_round_asked_again_by_a_restarted_server_is_replayed_not_retrained(
+    bank: BankSettings, checkpoint: EncoderCheckpoint
+) -> None:
+    instructions = replace(_instructions(checkpoint, 1, 2), federation_id="f-123")
+    first = train_round(bank, instructions, checkpoint.arrays, None, 1)
+    again = train_round(bank, instructions, checkpoint.arrays, None, 2)  # a new server run
+    assert all(np.array_equal(first.arrays[k], again.arrays[k]) for k in first.arrays)
+    assert again.metrics == first.metrics
+    entries = PrivacyLedger(bank.state_dir).entries()
+    assert [e["kind"] for e in entries] == ["train", "train-replay"]
+    assert (
+        entries[1]["dp_events"] == [] and entries[1]["arrays_sha256"] == entries[0]["arrays_sha256"]
+    )
+    assert epsilon_spent(PrivacyLedger(bank.state_dir).dp_events(), 1e-5) == pytest.approx(
+        first.metrics[EPSILON], rel=1e-6
+    )
+    other = replace(instructions, federation_id="f-456")  # another federation trains anew
+    train_round(bank, other, checkpoint.arrays, None, 3)
+    assert PrivacyLedger(bank.state_dir).entries()[-1]["kind"] == "train"
