@@ -39,8 +39,20 @@ def load_bank_tables(
 def load_bank_data(
     data_path: Path, schema: FeatureSchema, test_fraction: float, seed: int
 ) -> tuple[EncodedTable, EncodedTable]:
-    """Validate against the encoder's schema, then encode; bad data raises one `DataError`."""
+    """Validate against the encoder's schema, then encode; bad data raises one `DataError`.
+
+    Columns are checked strictly, and the training split must hold both classes.
+    """
     (train, train_source), (test, test_source) = load_bank_tables(
         data_path, schema.label, test_fraction, seed
     )
-    return schema.transform(train, train_source), schema.transform(test, test_source)
+    encoded_train = schema.transform(train, train_source, strict_columns=True)
+    encoded_test = schema.transform(test, test_source, strict_columns=True)
+    assert encoded_train.label is not None
+    positives = int(encoded_train.label.sum())
+    if positives in (0, len(encoded_train.label)):
+        raise DataError(
+            f"{train_source}: label column '{schema.label}' has only one class; "
+            "a bank needs both defaults and non-defaults to train"
+        )
+    return encoded_train, encoded_test

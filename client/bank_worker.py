@@ -18,7 +18,7 @@ from client.bank_settings import BankSettings
 from client.bank_state import BankState
 from client.release import record_release
 from common.accounting import DpEvent, epsilon_spent, merged_history
-from common.errors import PrivacyBudgetError
+from common.errors import DataError, PrivacyBudgetError
 from common.metrics import credit_metrics
 from common.model import CreditModel, build_model
 from common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
@@ -91,6 +91,11 @@ def train_round(
     train, _ = load_bank_data(
         settings.data_path, instructions.schema, settings.test_fraction, settings.seed
     )
+    if len(train.numeric) < instructions.plan.batch_size:
+        raise DataError(
+            f"{settings.data_path}: only {len(train.numeric)} training rows, fewer than one "
+            f"batch ({instructions.plan.batch_size}); DP-SGD needs many batches per epoch"
+        )
     model = _model_for(settings, state, instructions, encoder, source_head)
     approved = approve_round(state, policy, instructions, len(train.numeric), run_id)
     seed = hash((settings.seed, run_id, instructions.server_round, len(approved.past))) % 2**31

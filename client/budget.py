@@ -47,7 +47,7 @@ def approve_round(
             f"budget spent: ε={spent:.4f} of {policy.epsilon_budget} (δ={policy.delta})"
         )
     request = instructions.plan
-    batch_size = min(request.batch_size, num_examples)
+    batch_size = request.batch_size
     q = sample_rate_for(num_examples, batch_size)
     encoder_steps = max(1, math.ceil(request.local_epochs / q))
     head_steps = math.ceil(request.head_epochs / q) if request.mode == "fedrep" else 0

@@ -68,6 +68,7 @@ class FeatureSchema:
         "numeric: public median; categorical: unknown bucket; all-missing column: error"
     )
     version: int = SCHEMA_VERSION
+    ignored_columns: tuple[str, ...] = ()  # known non-features, e.g. the bank's region
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -106,6 +107,7 @@ class FeatureSchema:
             if _is_numeric(column):
                 numeric.append(_fit_numeric(name, column, source))
             else:
+                _refuse_mostly_numeric(name, column, source)
                 categorical.append(_fit_categorical(name, column))
         if not numeric and not categorical:
             raise DataError(f"{source}: no feature columns besides label '{label}'")
@@ -115,14 +117,35 @@ class FeatureSchema:
             negative_label=negative,
             numeric=tuple(numeric),
             categorical=tuple(categorical),
+            ignored_columns=tuple(exclude),
         )
 
     # --- using ------------------------------------------------------------------
 
-    def validate(self, frame: pd.DataFrame, source: str, require_label: bool = True) -> None:
-        """Raise one `DataError` naming `source` and the column for the first problem found."""
+    def validate(
+        self,
+        frame: pd.DataFrame,
+        source: str,
+        require_label: bool = True,
+        strict_columns: bool = False,
+    ) -> None:
+        """Raise one `DataError` naming `source` and the column for the first problem found.
+
+        `strict_columns` also refuses columns the schema does not know: a bank's training
+        table should hold exactly what the encoder was built for, so a mislabelled or
+        leaking column is caught rather than silently ignored.
+        """
         if frame.empty:
             raise DataError(f"{source}: table has no rows")
+        if strict_columns:
+            known = {*self.feature_names, self.label, *self.ignored_columns}
+            extra = [str(c) for c in frame.columns if str(c) not in known]
+            if extra:
+                raise DataError(
+                    f"{source}: column '{extra[0]}' is not in the encoder's schema; "
+                    "remove it from the bank's data"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                )
         if require_label:
             if self.label not in frame.columns:
                 raise DataError(f"{source}: label column '{self.label}' is missing")
@@ -158,10 +181,14 @@ class FeatureSchema:
         return (text == self.positive_label).to_numpy(dtype=np.float32)
 
     def transform(
-        self, frame: pd.DataFrame, source: str, require_label: bool = True
+        self,
+        frame: pd.DataFrame,
+        source: str,
+        require_label: bool = True,
+        strict_columns: bool = False,
     ) -> EncodedTable:
         """Validate, then turn the table into model-ready arrays."""
-        self.validate(frame, source, require_label=require_label)
+        self.validate(frame, source, require_label=require_label, strict_columns=strict_columns)
         rows = len(frame)
         numeric = np.zeros((rows, len(self.numeric)), dtype=np.float32)
         for j, feature in enumerate(self.numeric):
@@ -205,6 +232,7 @@ class FeatureSchema:
             ),
             missing_policy=raw["missing_policy"],
             version=raw["version"],
+            ignored_columns=tuple(raw.get("ignored_columns", ())),
         )
 
     @classmethod
@@ -285,3 +313,12 @@ def _fit_categorical(name: str, column: pd.Series) -> CategoricalFeature:
     counts = column.dropna().astype(str).value_counts()
     frequent = counts[counts >= _MIN_CATEGORY_COUNT].index[:_MAX_VOCABULARY]
     return CategoricalFeature(name=name, vocabulary=tuple(sorted(str(v) for v in frequent)))
+
+
+def _refuse_mostly_numeric(name: str, column: pd.Series, source: str) -> None:
+    """A column of numbers with a few stray strings is a data error, not a category."""
+    present = column.dropna()
+    parsed = pd.to_numeric(present, errors="coerce")
+    if len(present) and parsed.notna().mean() >= 0.9:
+        example = present[parsed.isna()].iloc[0]
+        raise DataError(f"{source}: column '{name}' must be numeric, found '{example}'")

@@ -6,27 +6,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, Context, Message
 
-from client.client_app import build_client_app
 from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
-from common.config import TrainPlanConfig
 from common.ledger import PrivacyLedger
-from common.protocol import RoundInstructions
-from common.shared_weights import to_array_record
 from tests.conftest import Pretrained, write_bank_data
-
-Arrays = OrderedDict[str, np.ndarray]
+from tests.harness.messages import (
+    Arrays,
+    bank_context,
+    send,
+    server_identity,
+    status,
+    train_message,
+)
 
 
 @pytest.fixture(autouse=True)
-def server_identity() -> Iterator[None]:
-    """Messages are made by a server task; say which, as Flower's own runtime does."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+def _server_identity() -> Iterator[None]:
+    with server_identity():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +33,8 @@ def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
 
 
 @pytest.fixture
-def bank_context(pretrained: Pretrained, tmp_path: Path) -> Context:
-    data = write_bank_data(pretrained, 1, tmp_path / "data")
-    node_config = {
-        "data-path": str(data),
-        "state-dir": str(tmp_path / "state"),
-        "epsilon-budget": 1.0,
-        "bank-name": "bank-01",
-    }
-    return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+def context(pretrained: Pretrained, tmp_path: Path) -> Context:
+    return bank_context(write_bank_data(pretrained, 1, tmp_path / "data"), tmp_path / "state")
 
 
 def _message(
@@ -51,21 +42,10 @@ def _message(
     arrays: Arrays | ArrayRecord,
     extra_config: dict[str, object] | None = None,
 ) -> Message:
-    config = RoundInstructions(
-        1, 1, TrainPlanConfig(), checkpoint.schema, checkpoint.model_config
-    ).to_config()
-    config.update(extra_config or {})
-    record = arrays if isinstance(arrays, ArrayRecord) else to_array_record(arrays)
-    content = RecordDict({"arrays": record, "config": ConfigRecord(config)})  # type: ignore[arg-type]
-    return Message(content=content, dst_node_id=1, message_type="train")
+    return train_message(checkpoint, arrays, extra_config)
 
 
-def _send(message: Message, context: Context) -> Message:
-    return build_client_app()(message, context)
-
-
-def _status(reply: Message) -> str:
-    return str(reply.content.config_records["status"]["status"])
+_send, _status = send, status
 
 
 def _with(arrays: Arrays, change: Callable[[Arrays], None]) -> Arrays:
@@ -87,13 +67,13 @@ HOSTILE_ARRAYS: dict[str, Callable[[Arrays], None]] = {
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE_ARRAYS))
 def test_train_message_with_bad_arrays_is_declined_and_nothing_released(
-    kind: str, checkpoint: EncoderCheckpoint, bank_context: Context
+    kind: str, checkpoint: EncoderCheckpoint, context: Context
 ) -> None:
     arrays = _with(checkpoint.arrays, HOSTILE_ARRAYS[kind])
-    reply = _send(_message(checkpoint, arrays), bank_context)
+    reply = _send(_message(checkpoint, arrays), context)
     assert _status(reply) == "declined"
     assert "arrays" not in reply.content.array_records
-    assert PrivacyLedger(Path(bank_context.node_config["state-dir"])).entries() == []  # type: ignore[arg-type]
+    assert PrivacyLedger(Path(context.node_config["state-dir"])).entries() == []  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -111,26 +91,26 @@ def test_train_message_with_bad_arrays_is_declined_and_nothing_released(
     ids=lambda c: next(iter(c)),
 )
 def test_config_asking_for_what_the_policy_forbids_is_declined(
-    config: dict[str, object], checkpoint: EncoderCheckpoint, bank_context: Context
+    config: dict[str, object], checkpoint: EncoderCheckpoint, context: Context
 ) -> None:
-    reply = _send(_message(checkpoint, checkpoint.arrays, config), bank_context)
+    reply = _send(_message(checkpoint, checkpoint.arrays, config), context)
     assert _status(reply) == "declined"
-    assert PrivacyLedger(Path(bank_context.node_config["state-dir"])).entries() == []  # type: ignore[arg-type]
+    assert PrivacyLedger(Path(context.node_config["state-dir"])).entries() == []  # type: ignore[arg-type]
 
 
 def test_a_decline_tells_the_server_the_kind_of_problem_but_no_bank_data(
-    checkpoint: EncoderCheckpoint, bank_context: Context, pretrained: Pretrained
+    checkpoint: EncoderCheckpoint, context: Context, pretrained: Pretrained
 ) -> None:
-    reply = _send(_message(checkpoint, checkpoint.arrays, {"noise-multiplier": 0.1}), bank_context)
+    reply = _send(_message(checkpoint, checkpoint.arrays, {"noise-multiplier": 0.1}), context)
     reason = str(reply.content.config_records["status"]["reason"])
     assert "ConfigError" in reason and "details in the bank's log" in reason
 
 
 def test_an_honest_message_gets_only_the_encoder_back(
-    checkpoint: EncoderCheckpoint, bank_context: Context
+    checkpoint: EncoderCheckpoint, context: Context
 ) -> None:
-    reply = _send(_message(checkpoint, checkpoint.arrays), bank_context)
+    reply = _send(_message(checkpoint, checkpoint.arrays), context)
     assert _status(reply) == "ok"
     assert list(reply.content.array_records["arrays"].keys()) == list(checkpoint.arrays)
     assert set(reply.content.keys()) == {"arrays", "metrics", "status"}
-    assert len(PrivacyLedger(Path(bank_context.node_config["state-dir"])).entries()) == 1  # type: ignore[arg-type]
+    assert len(PrivacyLedger(Path(context.node_config["state-dir"])).entries()) == 1  # type: ignore[arg-type]
