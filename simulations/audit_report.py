@@ -94,7 +94,7 @@ def write_epsilon_plot(path: Path, audits: list[BankAudit]) -> None:
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("cumulative ε")
     axes.set_title("Privacy spent per bank (dashed: budget)")
-    if audits:
+    if any(a.curve for a in audits):
         axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
 
