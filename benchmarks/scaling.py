@@ -180,7 +180,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         labels,
         later,
         bottom=[a + b for a, b in zip(startup, first, strict=True)],
-        label=f"rounds 2-{result['rounds']}",
+        label="round 2" if result["rounds"] == 2 else f"rounds 2-{result['rounds']}",
     )
     left.set_xlabel("banks")
     left.set_ylabel("seconds")

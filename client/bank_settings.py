@@ -33,7 +33,10 @@ class BankSettings:
     state_dir: Path
     policy: PrivacyPolicy
     test_fraction: float = 0.25
-    seed: int = 0
+    seed: int = 0  # data split and head initialisation: not secret
+    # DP noise and Poisson sampling draw from a secret seed unless this is set. Set it only
+    # for reproducible tests and benchmarks: whoever knows it can regenerate the noise.
+    noise_seed: int | None = None
 
 
 def settings_from_node_config(node_config: dict[str, Any]) -> BankSettings:
@@ -54,6 +57,11 @@ def settings_from_node_config(node_config: dict[str, Any]) -> BankSettings:
         policy=PrivacyPolicy(**policy_values),
         test_fraction=_coerce("test-fraction", node_config.get("test-fraction", 0.25), float),
         seed=_coerce("seed", node_config.get("seed", 0), int),
+        noise_seed=(
+            _coerce("noise-seed", node_config["noise-seed"], int)
+            if "noise-seed" in node_config
+            else None
+        ),
     )
 
 

@@ -6,6 +6,7 @@ these results back into messages. That keeps the privacy logic testable on its o
 
 import logging
 import math
+import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,8 +99,7 @@ def train_round(
         )
     model = _model_for(settings, state, instructions, encoder, source_head)
     approved = approve_round(state, policy, instructions, len(train.numeric), run_id)
-    seed = hash((settings.seed, run_id, instructions.server_round, len(approved.past))) % 2**31
-    history = train_with_dp(model, train, approved.plan, approved.past, seed)
+    history = train_with_dp(model, train, approved.plan, approved.past, _noise_seed(settings))
     released = _released_events(approved.past, history, approved.plan.max_grad_norm)
     if merged_history(released) != merged_history([approved.plan.event()]):
         raise PrivacyBudgetError(
@@ -144,6 +144,14 @@ def train_round(
         " (trimmed to fit the budget)" if approved.trimmed else "",
     )
     return BankReply(arrays=arrays, metrics=metrics)
+
+
+def _noise_seed(settings: BankSettings) -> int:
+    """A secret seed for DP noise and sampling: if the server could guess it, it could
+    regenerate the noise and remove it. Only tests and benchmarks fix it (`noise-seed`)."""
+    if settings.noise_seed is not None:
+        return settings.noise_seed
+    return secrets.randbits(63)
 
 
 def _replay_if_already_released(

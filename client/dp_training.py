@@ -20,7 +20,7 @@ from common.model import CreditModel
 from common.schema import EncodedTable
 from common.tensors import as_dataset
 
-GRAD_SAMPLE_MODE = "ghost"  # fast gradient clipping: far less overhead than hooks on CPU
+GRAD_SAMPLE_MODE = "ghost"  # fast gradient clipping: per-example norms without per-example grads
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,11 @@ class DpStepPlan:
 def train_with_dp(
     model: CreditModel, data: EncodedTable, plan: DpStepPlan, past: list[DpEvent], seed: int
 ) -> list[tuple[float, float, int]]:
-    """Train `model` in place; return the accountant's full history (past + this round)."""
+    """Train `model` in place; return the accountant's full history (past + this round).
+
+    `seed` drives the DP noise and the Poisson sampling (through torch's default generator,
+    as Opacus uses it outside its secure mode): it must be secret (see bank_worker).
+    """
     torch.manual_seed(seed)
     engine = PrivacyEngine(accountant="prv")
     engine.accountant.history = merged_history(past)

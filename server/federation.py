@@ -180,5 +180,9 @@ def _set_weights(accepted: list[Message]) -> None:
     counts = [m.content.metric_records[METRICS].get(NUM_EXAMPLES) for m in accepted]
     uniform = any(c is None or float(c) <= 0 for c in counts)  # type: ignore[arg-type]
     for message, count in zip(accepted, counts, strict=True):
+        metrics = message.content.metric_records[METRICS]
         weight = 1.0 if uniform else float(count)  # type: ignore[arg-type]
-        message.content.metric_records[METRICS][WEIGHT_KEY] = weight
+        metrics[WEIGHT_KEY] = weight
+        if uniform and NUM_EXAMPLES in metrics:
+            # Flower's strategies refuse replies whose metric keys differ.
+            del metrics[NUM_EXAMPLES]

@@ -195,7 +195,9 @@ def test_fedprox_term_keeps_the_encoder_closer_to_the_global_one(
     bank: BankSettings, checkpoint: EncoderCheckpoint, tmp_path: Path
 ) -> None:
     def distance(mu: float, state: str) -> float:
-        settings = BankSettings(bank.name, bank.data_path, tmp_path / state, bank.policy)
+        settings = BankSettings(
+            bank.name, bank.data_path, tmp_path / state, bank.policy, noise_seed=0
+        )
         instructions = replace(_instructions(checkpoint, 1, 1, local_epochs=3.0), proximal_mu=mu)
         reply = train_round(settings, instructions, checkpoint.arrays, None, 1)
         return sum(
@@ -224,3 +226,27 @@ def test_a_round_asked_again_by_a_restarted_server_is_replayed_not_retrained(
     other = replace(instructions, federation_id="f-456")  # another federation trains anew
     train_round(bank, other, checkpoint.arrays, None, 3)
     assert PrivacyLedger(bank.state_dir).entries()[-1]["kind"] == "train"
+
+
+def test_dp_noise_comes_from_a_secret_seed_unless_a_test_fixes_it(
+    bank: BankSettings, checkpoint: EncoderCheckpoint, tmp_path: Path
+) -> None:
+    """Two banks with identical settings, data and round draw different noise: the server
+    cannot regenerate it from what it knows (run id, round, node config)."""
+    twin = BankSettings(bank.name, bank.data_path, tmp_path / "twin", bank.policy)
+    first = train_round(bank, _instructions(checkpoint, 1, 1), checkpoint.arrays, None, 1)
+    second = train_round(twin, _instructions(checkpoint, 1, 1), checkpoint.arrays, None, 1)
+    assert any(not np.array_equal(first.arrays[k], second.arrays[k]) for k in first.arrays)
+    fixed = [
+        train_round(
+            BankSettings(
+                bank.name, bank.data_path, tmp_path / f"fixed-{i}", bank.policy, noise_seed=7
+            ),
+            _instructions(checkpoint, 1, 1),
+            checkpoint.arrays,
+            None,
+            1,
+        )
+        for i in range(2)
+    ]
+    assert all(np.array_equal(fixed[0].arrays[k], fixed[1].arrays[k]) for k in fixed[0].arrays)

@@ -51,3 +51,18 @@ def test_trimmed_mean_stays_near_the_honest_mean_fedavg_does_not(attack: str) ->
     fedavg_error = np.abs(aggregate("fedavg") - honest_mean).max()
     assert trimmed_error < 0.05
     assert fedavg_error > 10 * trimmed_error
+
+
+def test_banks_withholding_their_counts_among_others_aggregate_uniformly() -> None:
+    """A mix of banks that release num-examples and banks that do not must not crash."""
+    from server.federation import _set_weights
+
+    replies = [_reply({"w": np.full((2, 2), float(i), np.float32)}) for i in range(3)]
+    replies[0].content.metric_records["metrics"]["num-examples"] = 500
+    replies[1].content.metric_records["metrics"]["num-examples"] = 100
+    for reply in replies:
+        del reply.content.metric_records["metrics"][WEIGHT_KEY]
+    _set_weights(replies)
+    arrays, _ = build_strategy(FederationConfig()).aggregate_train(1, replies)
+    assert arrays is not None
+    assert np.allclose(arrays["w"].numpy(), 1.0)  # the plain mean of 0, 1, 2
