@@ -37,7 +37,7 @@ class BankReply:
     metrics: dict[str, float | int] = field(default_factory=dict)
 
 
-def _model_for(
+def bank_model(
     settings: BankSettings,
     state: BankState,
     instructions: RoundInstructions,
@@ -97,7 +97,7 @@ def train_round(
             f"{settings.data_path}: only {len(train.numeric)} training rows, fewer than one "
             f"batch ({instructions.plan.batch_size}); DP-SGD needs many batches per epoch"
         )
-    model = _model_for(settings, state, instructions, encoder, source_head)
+    model = bank_model(settings, state, instructions, encoder, source_head)
     approved = approve_round(state, policy, instructions, len(train.numeric), run_id)
     history = train_with_dp(model, train, approved.plan, approved.past, _noise_seed(settings))
     released = _released_events(approved.past, history, approved.plan.max_grad_norm)
@@ -214,7 +214,7 @@ def evaluate_round(
         raise PrivacyBudgetError(
             "no private head yet: this bank has not trained in this federation"
         )
-    model = _model_for(settings, state, instructions, encoder, None)
+    model = bank_model(settings, state, instructions, encoder, None)
     entries = state.ledger.entries()  # verifies the chain
     spent = float(entries[-1]["epsilon_cumulative"]) if entries else 0.0
     metrics: dict[str, float | int] = {EPSILON: spent}

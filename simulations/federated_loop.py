@@ -29,14 +29,14 @@ from torch.utils.data import DataLoader
 from client.bank_data import load_bank_data
 from client.bank_settings import BankSettings
 from client.bank_state import BankState
-from client.bank_worker import BankReply, evaluate_round, train_round
+from client.bank_worker import BankReply, bank_model, evaluate_round, train_round
 from common.accounting import sample_rate_for
 from common.checkpoint import EncoderCheckpoint
 from common.config import TrainPlanConfig
 from common.errors import PrivacyBudgetError
-from common.model import CreditModel, build_model
+from common.model import build_model
 from common.protocol import NUM_EXAMPLES, RoundInstructions
-from common.shared_weights import load_shared_arrays, shared_arrays
+from common.shared_weights import shared_arrays
 from common.tensors import as_dataset
 
 Sharing = Literal["encoder", "model", "none"]
@@ -185,7 +185,7 @@ def train_round_without_dp(
     train, _ = load_bank_data(
         settings.data_path, instructions.schema, settings.test_fraction, settings.seed
     )
-    model = _model_for(settings, state, instructions, encoder, source_head)
+    model = bank_model(settings, state, instructions, encoder, source_head)
     plan = instructions.plan
     rows = len(train.numeric)
     batch_size = min(plan.batch_size, rows)
@@ -221,23 +221,6 @@ def train_round_without_dp(
     if settings.policy.release_num_examples:
         metrics[NUM_EXAMPLES] = rows
     return BankReply(arrays=shared_arrays(model), metrics=metrics)
-
-
-def _model_for(
-    settings: BankSettings,
-    state: BankState,
-    instructions: RoundInstructions,
-    encoder: Mapping[str, np.ndarray],
-    source_head: Mapping[str, np.ndarray] | None,
-) -> CreditModel:
-    """Received encoder + the bank's head (or, on first contact, the public head): as the bank."""
-    model = build_model(instructions.schema, instructions.model_config, seed=settings.seed)
-    load_shared_arrays(model, encoder)
-    if state.has_head():
-        state.load_head(model, instructions.schema.fingerprint)
-    elif source_head is not None:
-        model.head.load_state_dict(_tensors(source_head))
-    return model
 
 
 def _head_arrays(bank: BankSettings, start: EncoderCheckpoint) -> Arrays:
