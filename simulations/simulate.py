@@ -88,10 +88,7 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
         f"({federation.strategy}, mode {federation.train.mode}, ε budget "
         f"{request.policy.epsilon_budget} per bank) on Flower's simulation engine ..."
     )
-    rounds: list[dict[str, Any]] = []
-
     def on_round(summary: dict[str, Any]) -> None:
-        rounds.append(summary)
         echo(_round_line(summary, federation.num_rounds))
 
     started = time.perf_counter()

@@ -5,7 +5,7 @@ partition gets its own data directory, state directory and privacy policy, laid 
 the run directory exactly as a bank would have them on its own machine.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Context
@@ -52,6 +52,3 @@ def lay_out_banks(split: FederatedSplit, run_dir: Path, policy: PrivacyPolicy) -
         )
     return SimulatedBanks(tuple(settings))
 
-
-def with_policy(banks: SimulatedBanks, policy: PrivacyPolicy) -> SimulatedBanks:
-    return SimulatedBanks(tuple(replace(b, policy=policy) for b in banks.banks))
