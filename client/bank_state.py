@@ -4,6 +4,8 @@
     head.npz       the private head: it never leaves the bank
     head.json      which schema and model shape the head belongs to
     plan.json      the noise multiplier calibrated for the current run
+    evaluations.jsonl  exact metrics of every encoder evaluated here: the bank's own
+                   report, never sent (see `append_evaluation`)
 `context.state` is lost when a run ends or a SuperNode restarts; this directory is not.
 """
 
@@ -12,6 +14,7 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ HEAD_FILE = "head.npz"
 HEAD_META_FILE = "head.json"
 PLAN_FILE = "plan.json"
 LAST_RELEASE_FILE = "last-release.npz"
+EVALUATIONS_FILE = "evaluations.jsonl"
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,27 @@ class BankState:
         except (FileNotFoundError, OSError, ValueError, KeyError, zipfile.BadZipFile):
             return None
         return arrays, metrics
+
+    def append_evaluation(self, record: dict[str, Any]) -> None:
+        """Add one exact evaluation to the bank's local report (never part of a reply).
+
+        Fields: run_id, federation_id, server_round, encoder_sha256, test_rows, metrics.
+        """
+        line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+        with open(self.dir / EVALUATIONS_FILE, "a") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The local evaluation report, oldest first; a half-written last line is skipped."""
+        path = self.dir / EVALUATIONS_FILE
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records

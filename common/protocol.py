@@ -4,6 +4,12 @@ Server -> bank: the global encoder ("arrays"), the public source head ("source-h
 used only to start a bank's private head), and the round's instructions ("config").
 Bank -> server: the encoder ("arrays"), a few numbers ("metrics") that the bank's policy
 allows, and a status ("status"). Nothing else may appear in a reply.
+
+Every number a reply carries is either public (ε spent: a function of the bank's policy and
+the server's requests, never of its row count) or released through a DP mechanism and
+charged in the ledger (a noisy count, noisy evaluation metrics). The status carries the
+ledger's sequence number and head hash, so the server holds an outside anchor of each bank's
+ledger (`fedfin audit --anchors`).
 """
 
 import json
@@ -20,12 +26,32 @@ CONFIG = "config"
 METRICS = "metrics"
 STATUS = "status"
 
-NUM_EXAMPLES = "num-examples"
-EPSILON = "epsilon"
-EVAL_METRICS = ("auc", "ks", "log-loss", "brier")
-ALLOWED_TRAIN_METRICS = frozenset({NUM_EXAMPLES, EPSILON})
-ALLOWED_EVAL_METRICS = frozenset({NUM_EXAMPLES, EPSILON, *EVAL_METRICS})
+NUM_EXAMPLES = "num-examples"  # only ever a DP-noised count, and only if the bank opts in
+EPSILON = "epsilon"  # cumulative ε after this release: public, it does not depend on N
+# Exact metrics of any encoder stay in the bank's local report (BankState.evaluations).
+# With `release-eval-metrics`, a train reply also carries DP-noised metrics of the encoder
+# the bank received for that round's training (computed before training, charged).
+DP_EVAL_METRICS = ("dp-auc", "dp-ks", "dp-default-rate", "dp-test-rows")
+ALLOWED_TRAIN_METRICS = frozenset({NUM_EXAMPLES, EPSILON, *DP_EVAL_METRICS})
+ALLOWED_EVAL_METRICS = frozenset({EPSILON})
 ALLOWED_REPLY_RECORDS = frozenset({ARRAYS, METRICS, STATUS})
+# Status record keys. A declined reply carries only these, never an error type or text.
+STATUS_KEY = "status"
+BANK_KEY = "bank"
+REASON_KEY = "reason"
+LEDGER_SEQ = "ledger-seq"  # the ledger's last sequence number when the reply was recorded
+LEDGER_HEAD = "ledger-head"  # that entry's hash: the server's outside anchor of the chain
+EPSILON_SPENT = "epsilon-spent"  # declined replies: public budget facts only
+EPSILON_BUDGET = "epsilon-budget"
+ALLOWED_STATUS_KEYS = frozenset(
+    {STATUS_KEY, BANK_KEY, REASON_KEY, LEDGER_SEQ, LEDGER_HEAD, EPSILON_SPENT, EPSILON_BUDGET}
+)
+# The only reasons a declined reply may give: fixed strings, never data-dependent text.
+REASON_DECLINED = "declined by the bank (details in the bank's log)"
+REASON_BUDGET = "privacy budget spent"
+REASON_NOT_ALLOWED = "app not on this bank's allow-list"
+REASON_GUARD = "release guard stopped the reply"
+DECLINE_REASONS = frozenset({REASON_DECLINED, REASON_BUDGET, REASON_NOT_ALLOWED, REASON_GUARD})
 # Settings that belong to the bank's privacy policy. A server that sends any of them is
 # asking for something it may not decide: the round is declined, not silently adjusted.
 POLICY_KEYS = frozenset(
@@ -40,6 +66,7 @@ POLICY_KEYS = frozenset(
         "dp",
         "disable-dp",
         "secure-mode",
+        "sample-rate",
         "accountant",
         "release-num-examples",
         "release-eval-metrics",
