@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from common.config import FINE_TUNE_MODES, STRATEGY_NAMES
 from common.errors import ConfigError, FedfinError
+from server.coordinator_cli import add_coordinator_commands
 from simulations.cli_bank import add_bank_commands
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(run=_run_split)
     add_bank_commands(commands)
+    add_coordinator_commands(commands)
     return parser
 
 
