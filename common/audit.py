@@ -4,6 +4,13 @@ For each state directory: verify the hash chain, recompute cumulative ε from th
 DP events with Google's `dp-accounting` (PLD, tight; RDP, an upper bound), and compare
 with what the bank recorded. A recorded ε below the independent PLD figure (beyond
 numerical tolerance) is understated; ε above the bank's budget is an excess.
+
+A chain only proves that no line inside it was edited. Cutting lines off the end, or
+rebuilding the chain with smaller charges and fresh hashes, leaves a valid chain; only a
+record kept outside the bank shows it: the anchors the server recorded from each reply
+(common/ledger_anchors.py). With anchors, every anchored (seq, hash) must still be in the
+ledger. Even without them, a partial last line and a train release that carries no DP
+events (itself or through the "charge" entry it names) make the ledger fail the audit.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -16,7 +23,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from common.accounting import DpEvent, merged_history
 from common.errors import LedgerError
-from common.ledger import LEDGER_FILE, PrivacyLedger, events_of
+from common.ledger import GENESIS_HASH, LEDGER_FILE, PrivacyLedger, events_of
+from common.ledger_anchors import LedgerAnchor
 
 _MAX_CHECKPOINTS = 50  # entries re-checked per ledger (always including the last)
 _CHECKPOINT_DISCRETIZATION = 1e-3  # 5x faster PLD; within 0.2% of the fine grid
@@ -68,8 +76,11 @@ class BankAudit:
     epsilon_pld: float = 0.0
     epsilon_rdp: float = 0.0
     chain_problems: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    anchor_problems: list[str] = field(default_factory=list)  # truncated or rewritten
+    ledger_problems: list[str] = field(default_factory=list)  # partial line, uncharged train
+    problems: list[str] = field(default_factory=list)  # ε understated
     partial_tail: bool = False
+    anchors_checked: int | None = None  # None: audited without anchors
     checked_entries: int = 0
     curve: list[tuple[int, int, float]] = field(default_factory=list)  # (seq, round, ε)
 
@@ -82,6 +93,11 @@ class BankAudit:
         return bool(self.chain_problems)
 
     @property
+    def ledger_broken(self) -> bool:
+        """The ledger cannot be trusted as the record of what was released."""
+        return bool(self.chain_problems or self.anchor_problems or self.ledger_problems)
+
+    @property
     def exceeded(self) -> bool:
         spent = max(self.epsilon_recorded, self.epsilon_pld)
         return self.budget is not None and spent > self.budget * (1 + 1e-9)
@@ -92,29 +108,45 @@ class BankAudit:
 
     @property
     def ok(self) -> bool:
-        return not self.chain_problems and not self.problems and not self.exceeded
+        return not self.ledger_broken and not self.problems and not self.exceeded
 
     def as_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
             "remaining": self.remaining,
             "chain_ok": not self.chain_broken,
+            "anchors_ok": not self.anchor_problems,
+            "ledger_ok": not self.ledger_broken,
             "understated": self.understated,
             "exceeded": self.exceeded,
             "ok": self.ok,
         }
 
 
-def audit_state_dir(state_dir: Path) -> BankAudit:
+def audit_state_dir(state_dir: Path, anchors: list[LedgerAnchor] | None = None) -> BankAudit:
+    """Audit one bank's ledger; with `anchors`, also against what the server saw of it."""
     ledger = PrivacyLedger(state_dir)
     check = ledger.check()
     entries = check.entries
-    audit = BankAudit(bank=state_dir.name, state_dir=str(state_dir), entries=len(entries))
+    name = bank_name_of_dir(state_dir)
+    audit = BankAudit(bank=name, state_dir=str(state_dir), entries=len(entries))
     audit.chain_problems += check.problems
     audit.partial_tail = check.partial_tail
+    if check.partial_tail:
+        audit.ledger_problems.append(
+            f"the ledger ends in a partial line after entry {len(entries)}: cut mid-write "
+            "(a crash during an append, or a truncated file); what it recorded is unknown"
+        )
+    if entries:
+        audit.bank = str(entries[-1].get("bank", name))
+    audit.ledger_problems += uncharged_train_releases(entries)
+    if anchors is not None:
+        names = {audit.bank, name} | {str(e["bank"]) for e in entries if "bank" in e}
+        mine = [a for a in anchors if a.bank in names]
+        audit.anchors_checked = len(mine)
+        audit.anchor_problems += anchor_mismatches(entries, mine)
     if not entries:
         return audit
-    audit.bank = str(entries[-1].get("bank", state_dir.name))
     audit.train_releases = sum(e.get("kind") == "train" for e in entries)
     audit.evaluate_releases = sum(e.get("kind") == "evaluate" for e in entries)
     audit.runs = len({e.get("run_id") for e in entries})
@@ -138,7 +170,10 @@ def audit_state_dir(state_dir: Path) -> BankAudit:
         prefix = [event for events in events_per_entry[: index + 1] for event in events]
         recorded = float(entries[index].get("epsilon_cumulative", 0.0))
         independent = dp_accounting_epsilon(
-            prefix, float(entries[index]["delta"]), "pld", _CHECKPOINT_DISCRETIZATION
+            prefix,
+            float(entries[index].get("delta", audit.delta)),
+            "pld",
+            _CHECKPOINT_DISCRETIZATION,
         )
         audit.checked_entries += 1
         if understates(recorded, independent):
@@ -147,6 +182,92 @@ def audit_state_dir(state_dir: Path) -> BankAudit:
                 f"independent PLD {independent:.4f}"
             )
     return audit
+
+
+def bank_name_of_dir(state_dir: Path) -> str:
+    """A bank's name from where its state lives: `<bank>/state` (a run dir) or `<bank>`.
+
+    Used when the ledger is empty, so anchors still find the bank whose lines were all cut.
+    """
+    return state_dir.parent.name if state_dir.name == "state" else state_dir.name
+
+
+def anchor_mismatches(entries: list[dict[str, Any]], anchors: list[LedgerAnchor]) -> list[str]:
+    """Each anchored (seq, hash) the ledger no longer holds: truncated, rolled back or rebuilt.
+
+    Line `seq` is entry `seq` in an intact chain (the chain check flags any other order), so
+    the anchor is looked up by position. One problem per distinct (seq, hash) anchored.
+    """
+    problems: list[str] = []
+    seen: set[tuple[int, str]] = set()
+    for anchor in sorted(anchors, key=lambda a: (a.seq, a.server_round, a.kind)):
+        if (anchor.seq, anchor.head) in seen:
+            continue
+        seen.add((anchor.seq, anchor.head))
+        reply = f"round {anchor.server_round} {anchor.kind} reply (node {anchor.node_id})"
+        if anchor.seq == 0:
+            if anchor.head != GENESIS_HASH:
+                problems.append(f"anchor: {reply} names entry 0 with a non-genesis hash")
+        elif anchor.seq > len(entries):
+            problems.append(
+                f"truncated: the server holds entry {anchor.seq} (hash {anchor.head[:12]}…) "
+                f"from the {reply}, but the ledger ends at entry {len(entries)}"
+            )
+        elif str(entries[anchor.seq - 1].get("hash")) != anchor.head:
+            found = str(entries[anchor.seq - 1].get("hash"))
+            problems.append(
+                f"rewritten: entry {anchor.seq} has hash {found[:12]}…, but the {reply} "
+                f"anchored {anchor.head[:12]}… (rolled back or rebuilt after it was sent)"
+            )
+    return problems
+
+
+def uncharged_train_releases(entries: list[dict[str, Any]]) -> list[str]:
+    """Train releases that carry no DP events, neither their own nor an earlier charge's.
+
+    A bank charges a round either in the "train" entry itself or in a "charge" entry
+    written before training, which the train entry names by `charge_seq`. One charge
+    covers one release: a second train naming it was not charged. Replays ("train-replay")
+    resend a charged release and carry none; other kinds are not releases of training.
+    """
+    problems: list[str] = []
+    charges: dict[int, dict[str, Any]] = {}
+    covered: dict[int, int] = {}  # charge seq -> line of the train it covers
+    for line, entry in enumerate(entries, start=1):
+        kind = entry.get("kind")
+        seq = entry.get("seq")
+        if kind == "charge" and isinstance(seq, int):
+            charges[seq] = entry
+        if kind != "train":
+            continue
+        where = f"line {line}: train release of round {entry.get('server_round', '?')}"
+        ref = entry.get("charge_seq")
+        if ref is None:
+            if not _has_dp_events(entry):
+                problems.append(f"{where} carries no DP events and names no charge")
+            continue
+        if not isinstance(ref, int) or isinstance(ref, bool) or ref not in charges:
+            if not _has_dp_events(entry):
+                problems.append(f"{where} names charge {ref!r}, which is no earlier charge entry")
+            continue
+        if not _has_dp_events(charges[ref]) and not _has_dp_events(entry):
+            problems.append(f"{where} names charge {ref}, which carries no DP events")
+        elif ref in covered and not _has_dp_events(entry):
+            problems.append(f"{where} names charge {ref}, already used by line {covered[ref]}")
+        covered.setdefault(ref, line)
+    return problems
+
+
+def _has_dp_events(entry: dict[str, Any]) -> bool:
+    """At least one recorded DP event that took a step: a charge of something."""
+    events = entry.get("dp_events")
+    if not isinstance(events, list):
+        return False
+    for event in events:
+        steps = event.get("steps") if isinstance(event, dict) else None
+        if isinstance(steps, int | float) and not isinstance(steps, bool) and steps > 0:
+            return True
+    return False
 
 
 def _checkpoints(entries: list[dict[str, Any]]) -> list[int]:
@@ -186,5 +307,12 @@ def find_state_dirs(path: Path) -> list[Path]:
     return found
 
 
-def audit_path(path: Path) -> list[BankAudit]:
-    return [audit_state_dir(state_dir) for state_dir in find_state_dirs(path)]
+def audit_path(path: Path, anchors: list[LedgerAnchor] | None = None) -> list[BankAudit]:
+    """Audit every ledger at or below `path`, against `anchors` when given."""
+    return [audit_state_dir(state_dir, anchors) for state_dir in find_state_dirs(path)]
+
+
+def unaudited_anchored_banks(audits: list[BankAudit], anchors: list[LedgerAnchor]) -> list[str]:
+    """Banks the anchors name but no audited ledger belongs to (not audited, or deleted)."""
+    audited = {a.bank for a in audits} | {bank_name_of_dir(Path(a.state_dir)) for a in audits}
+    return sorted({a.bank for a in anchors} - audited)

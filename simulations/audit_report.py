@@ -12,10 +12,31 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def audit_status(audit: BankAudit) -> str:
+    """The first thing wrong with a bank's ledger, in capitals; "ok" when nothing is."""
+    if audit.chain_broken:
+        return "CHAIN BROKEN"
+    if audit.anchor_problems:
+        truncated = any(p.startswith("truncated") for p in audit.anchor_problems)
+        return "TRUNCATED" if truncated else "REWRITTEN"
+    if audit.partial_tail:
+        return "PARTIAL LAST LINE"
+    if audit.ledger_problems:
+        return "UNCHARGED TRAIN"
+    if audit.understated:
+        return "ε UNDERSTATED"
+    if audit.exceeded:
+        return "BUDGET EXCEEDED"
+    if audit.problems:
+        return "PROBLEM"
+    return "ok"
+
+
 def audit_table(audits: list[BankAudit]) -> str:
     header = (
         "bank",
         "releases",
+        "anchored",
         "runs",
         "ε recorded",
         "ε PLD",
@@ -27,19 +48,11 @@ def audit_table(audits: list[BankAudit]) -> str:
     )
     rows = []
     for a in audits:
-        status = "ok"
-        if a.chain_broken:
-            status = "CHAIN BROKEN"
-        elif a.understated:
-            status = "ε UNDERSTATED"
-        elif a.exceeded:
-            status = "BUDGET EXCEEDED"
-        elif a.problems:
-            status = "PROBLEM"
         rows.append(
             (
                 a.bank,
                 f"{a.train_releases}+{a.evaluate_releases}",
+                "-" if a.anchors_checked is None else str(a.anchors_checked),
                 str(a.runs),
                 _fmt(a.epsilon_recorded),
                 _fmt(a.epsilon_pld),
@@ -47,7 +60,7 @@ def audit_table(audits: list[BankAudit]) -> str:
                 "-" if a.delta is None else f"{a.delta:.0e}",
                 _fmt(a.budget, 3),
                 _fmt(a.remaining),
-                status,
+                audit_status(a),
             )
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -55,11 +68,13 @@ def audit_table(audits: list[BankAudit]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append(
-        "releases = train + evaluate; ε PLD/RDP recomputed with dp-accounting from the "
+        "releases = train + evaluate; anchored = replies whose (seq, hash) the server recorded "
+        "and the ledger was checked against; ε PLD/RDP recomputed with dp-accounting from the "
         "ledger's DP events"
     )
     for a in audits:
-        lines += [f"{a.bank}: {problem}" for problem in [*a.chain_problems, *a.problems]]
+        problems = [*a.chain_problems, *a.anchor_problems, *a.ledger_problems, *a.problems]
+        lines += [f"{a.bank}: {problem}" for problem in problems]
     return "\n".join(lines)
 
 

@@ -174,11 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Verify each ledger's hash chain, recompute cumulative ε from the recorded DP events "
             "with dp-accounting (PLD and RDP), and report releases, ε, δ, budget and what "
-            "remains per bank. Exits 5 if a chain is broken, 4 if a recorded ε is understated "
-            "or a budget is exceeded."
+            "remains per bank. With --anchors, check each ledger still holds every (seq, hash) "
+            "the server recorded from the bank's replies. Exits 5 if a ledger is broken "
+            "(chain, anchors, partial last line, a train release without DP events), 4 if a "
+            "recorded ε is understated or a budget is exceeded."
         ),
     )
     audit.add_argument("path", type=Path, help="a bank's state dir, or a run dir (all banks)")
+    audit.add_argument(
+        "--anchors",
+        type=Path,
+        help=(
+            "the server's ledger-anchors.jsonl (or a bank's external copy), or a server or run "
+            "dir holding it: flags truncated, rolled-back and rebuilt ledgers"
+        ),
+    )
     audit.add_argument("--json", type=Path, help="also write the audit as JSON to this file")
     audit.add_argument(
         "--plot", type=Path, help="PNG of cumulative ε per bank (default: PATH/privacy-audit.png)"
@@ -290,21 +300,33 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from common.audit import audit_path
+    from common.audit import audit_path, unaudited_anchored_banks
     from common.errors import LedgerError, PrivacyBudgetError
-    from simulations.audit_report import audit_table, write_audit_json, write_epsilon_plot
+    from common.ledger_anchors import read_anchors
+    from simulations.audit_report import (
+        audit_status,
+        audit_table,
+        write_audit_json,
+        write_epsilon_plot,
+    )
 
-    audits = audit_path(args.path)
+    anchors = read_anchors(args.anchors) if getattr(args, "anchors", None) else None
+    audits = audit_path(args.path, anchors)
     print(audit_table(audits))
+    if anchors is not None:
+        print(f"anchors: {len(anchors)} recorded replies from {args.anchors}")
+        absent = unaudited_anchored_banks(audits, anchors)
+        if absent:
+            print(f"anchors also name banks with no ledger here (not audited): {', '.join(absent)}")
     if args.json:
         write_audit_json(args.json, audits)
     directory = args.path if args.path.is_dir() else args.path.parent
     plot = args.plot or directory / "privacy-audit.png"
     write_epsilon_plot(plot, audits)
     print(f"plot: {plot}" + (f"; json: {args.json}" if args.json else ""))
-    broken = [a.bank for a in audits if a.chain_broken]
+    broken = [f"{a.bank} ({audit_status(a).lower()})" for a in audits if a.ledger_broken]
     if broken:
-        raise LedgerError(f"ledger chain broken for {', '.join(broken)}")
+        raise LedgerError(f"ledger broken for {', '.join(broken)}")
     failing = [a.bank for a in audits if not a.ok]
     if failing:
         raise PrivacyBudgetError(f"ε understated or budget exceeded for {', '.join(failing)}")
@@ -346,10 +368,14 @@ def _run_simulate(args: argparse.Namespace) -> int:
     print(f"report: {args.out / 'report.json'}")
     if args.no_audit:
         return 0
-    print("\nprivacy audit of every bank's ledger (fedfin audit):")
+    from common.ledger_anchors import ANCHORS_FILE
+
+    anchors = args.out / ANCHORS_FILE  # the server's record of every reply's ledger head
+    print("\nprivacy audit of every bank's ledger against the server's anchors (fedfin audit):")
     return _run_audit(
         argparse.Namespace(
             path=args.out / "banks",
+            anchors=anchors if anchors.exists() else None,
             json=args.out / "audit.json",
             plot=args.out / "privacy-audit.png",
         )
