@@ -21,6 +21,12 @@ _POLICY_KEYS = {
     "accountant": "accountant",
     "release-num-examples": "release_num_examples",
     "release-eval-metrics": "release_eval_metrics",
+    "sample-rate": "sample_rate",
+    "max-local-epochs": "max_local_epochs",
+    "min-planned-rounds": "min_planned_rounds",
+    "max-planned-rounds": "max_planned_rounds",
+    "count-noise-multiplier": "count_noise_multiplier",
+    "eval-noise-multiplier": "eval_noise_multiplier",
 }
 
 
@@ -33,7 +39,7 @@ class BankSettings:
     state_dir: Path
     policy: PrivacyPolicy
     test_fraction: float = 0.25
-    seed: int = 0  # data split and head initialisation: not secret
+    seed: int = 0  # head initialisation: not secret (the train/test split uses a secret key)
     # DP noise and Poisson sampling draw from a secret seed unless this is set. Set it only
     # for reproducible tests and benchmarks: whoever knows it can regenerate the noise.
     noise_seed: int | None = None
@@ -50,12 +56,15 @@ def settings_from_node_config(node_config: dict[str, Any]) -> BankSettings:
         if key in node_config:
             policy_values[attribute] = _coerce(key, node_config[key], types[attribute])
     state_dir = Path(str(node_config["state-dir"])).expanduser()
+    test_fraction = _coerce("test-fraction", node_config.get("test-fraction", 0.25), float)
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"node config 'test-fraction' must be in (0, 1), got {test_fraction}")
     return BankSettings(
         name=str(node_config.get("bank-name", state_dir.name)),
         data_path=Path(str(node_config["data-path"])).expanduser(),
         state_dir=state_dir,
         policy=PrivacyPolicy(**policy_values),
-        test_fraction=_coerce("test-fraction", node_config.get("test-fraction", 0.25), float),
+        test_fraction=test_fraction,
         seed=_coerce("seed", node_config.get("seed", 0), int),
         noise_seed=(
             _coerce("noise-seed", node_config["noise-seed"], int)

@@ -4,6 +4,7 @@
     head.npz       the private head: it never leaves the bank
     head.json      which schema and model shape the head belongs to
     plan.json      the noise multiplier calibrated for the current run
+    split.key      the secret key of the keyed train/test split (mode 0600)
     evaluations.jsonl  exact metrics of every encoder evaluated here: the bank's own
                    report, never sent (see `append_evaluation`)
 `context.state` is lost when a run ends or a SuperNode restarts; this directory is not.
@@ -11,6 +12,7 @@
 
 import json
 import os
+import secrets
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ HEAD_META_FILE = "head.json"
 PLAN_FILE = "plan.json"
 LAST_RELEASE_FILE = "last-release.npz"
 EVALUATIONS_FILE = "evaluations.jsonl"
+SPLIT_KEY_FILE = "split.key"
+_SPLIT_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,34 @@ class BankState:
 
         write_atomically(self.head_path, write)
         write_json_atomically(self.dir / HEAD_META_FILE, {"schema_fingerprint": fingerprint})
+
+    def split_key(self) -> bytes:
+        """The bank's secret train/test split key; made once, on first use, readable only here.
+
+        Losing it reshuffles the split of a single-file `data-path`; keep it with the ledger.
+        """
+        path = self.dir / SPLIT_KEY_FILE
+        if not path.exists():
+            key = secrets.token_bytes(_SPLIT_KEY_BYTES)
+
+            def write(tmp: Path) -> None:
+                tmp.write_bytes(key)
+                tmp.chmod(0o600)
+
+            try:
+                write_atomically(path, write)
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot write split key ({exc.strerror})") from None
+        try:
+            key = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read split key ({exc.strerror})") from None
+        if len(key) != _SPLIT_KEY_BYTES:
+            raise CheckpointError(
+                f"{path}: split key is {len(key)} bytes, expected {_SPLIT_KEY_BYTES}; "
+                "restore it from backup"
+            )
+        return key
 
     def noise_plan(self) -> NoisePlan | None:
         path = self.dir / PLAN_FILE

@@ -2,14 +2,23 @@
 
 No Flower types here: the ClientApp (client_app.py) turns messages into these calls and
 these results back into messages. That keeps the privacy logic testable on its own.
+
+A train round, in the order that keeps the privacy promise through any crash:
+1. under the ledger's exclusive lock: approve the round against everything charged so far
+   and append a "charge" entry (fsync'ed) with its DP events, before any computation;
+2. (opt-in) DP metrics of the received encoder and a DP count; then DP-SGD;
+3. keep the release locally (for a replay), update the private head;
+4. append the "train" entry (what is sent, hashes), then reply with its seq and hash.
+A crash after 1 leaves the round charged; nothing changes the head before 1.
 """
 
+import hashlib
 import logging
-import math
 import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +26,13 @@ import torch
 from client.bank_data import load_bank_data
 from client.bank_settings import BankSettings
 from client.bank_state import BankState
-from client.release import record_release
+from client.dp_releases import (
+    mechanism_event,
+    metrics_from_histograms,
+    noisy_count,
+    noisy_score_histograms,
+)
+from client.release import array_sha256, record_release
 from common.accounting import DpEvent, epsilon_spent, merged_history
 from common.errors import DataError, PrivacyBudgetError
 from common.metrics import credit_metrics
@@ -27,14 +42,21 @@ from common.shared_weights import load_shared_arrays, shared_arrays
 from common.tensors import predict_proba
 
 log = logging.getLogger("fedfin.bank")
+CHARGE = "charge"
+TRAIN = "train"
+REPLAY = "train-replay"
+EVALUATE = "evaluate"
+DECLINED = "declined"
 
 
 @dataclass(frozen=True)
 class BankReply:
-    """What the bank sends: encoder arrays (train only) and policy-allowed numbers."""
+    """What the bank sends: encoder arrays (train only), allowed numbers, the ledger anchor."""
 
     arrays: OrderedDict[str, np.ndarray] = field(default_factory=OrderedDict)
     metrics: dict[str, float | int] = field(default_factory=dict)
+    ledger_seq: int = 0
+    ledger_head: str = ""
 
 
 def bank_model(
@@ -77,10 +99,13 @@ def train_round(
     encoder: Mapping[str, np.ndarray],
     source_head: Mapping[str, np.ndarray] | None,
     run_id: int,
+    observe_step: Any = None,
 ) -> BankReply:
-    """DP fine-tuning of encoder + private head; returns only the encoder and allowed numbers."""
-    # Opacus loads here, not at import: every Flower message starts a fresh ClientApp
-    # process, and evaluation messages do not need it (see benchmarks/round_latency.md).
+    """DP fine-tuning of encoder + private head; returns only the encoder and allowed numbers.
+
+    `observe_step` (tests, `fedfin audit --empirical`) sees the gradients each DP step applies.
+    """
+    # Opacus loads here, not at import: evaluation messages do not need it.
     from client.budget import approve_round
     from client.dp_training import train_with_dp
 
@@ -89,49 +114,59 @@ def train_round(
     replay = _replay_if_already_released(state, settings, instructions, run_id)
     if replay is not None:
         return replay
-    train, _ = load_bank_data(
-        settings.data_path, instructions.schema, settings.test_fraction, settings.seed
+    train, test = load_bank_data(
+        settings.data_path, instructions.schema, settings.test_fraction, state.split_key()
     )
-    if len(train.numeric) < instructions.plan.batch_size:
-        raise DataError(
-            f"{settings.data_path}: only {len(train.numeric)} training rows, fewer than one "
-            f"batch ({instructions.plan.batch_size}); DP-SGD needs many batches per epoch"
-        )
     model = bank_model(settings, state, instructions, encoder, source_head)
-    approved = approve_round(state, policy, instructions, len(train.numeric), run_id)
-    history = train_with_dp(model, train, approved.plan, approved.past, _noise_seed(settings))
+    with state.ledger.reserved():  # approval and charge: one exclusive step per state dir
+        charged = state.ledger.dp_events()
+        extras = _optional_releases(settings, state, charged)
+        approved = approve_round(state, policy, instructions, run_id, [*charged, *extras.values()])
+        charge = record_release(
+            state,
+            settings,
+            run_id,
+            instructions.server_round,
+            CHARGE,
+            [*extras.values(), approved.plan.event()],
+            approved.epsilon_after,
+            {},
+            {},
+            instructions.federation_id,
+            extra={"received_sha256": encoder_sha256(encoder)},
+        )
+    generator = _round_generator(settings, instructions, run_id, int(charge["seq"]))
+    metrics: dict[str, float | int] = {EPSILON: approved.epsilon_after}
+    if "eval" in extras:  # the received encoder with this bank's head, before training
+        probabilities = predict_proba(model, test)
+        assert test.label is not None
+        metrics.update(
+            metrics_from_histograms(
+                *noisy_score_histograms(
+                    test.label, probabilities, policy.eval_noise_multiplier, generator
+                )
+            )
+        )
+    history = train_with_dp(
+        model, train, approved.plan, approved.past, generator, observe_step=observe_step
+    )
     released = _released_events(approved.past, history, approved.plan.max_grad_norm)
     if merged_history(released) != merged_history([approved.plan.event()]):
         raise PrivacyBudgetError(
             f"accountant recorded {released}, not the approved {approved.plan.event()}; "
-            "nothing was sent"
+            "nothing was sent (the round stays charged)"
         )
-    cumulative = epsilon_spent([*approved.past, *released], policy.delta, policy.accountant)
-    if cumulative > policy.epsilon_budget:
-        raise PrivacyBudgetError(
-            f"ε would be {cumulative:.4f} > budget {policy.epsilon_budget}; nothing was sent"
+    if "count" in extras:
+        metrics[NUM_EXAMPLES] = noisy_count(
+            len(train.numeric), policy.count_noise_multiplier, generator
         )
-    state.save_head(model, instructions.schema.fingerprint)
     arrays = shared_arrays(model)
-    metrics: dict[str, float | int] = {EPSILON: cumulative}
-    if policy.release_num_examples:
-        metrics[NUM_EXAMPLES] = len(train.numeric)
     if instructions.federation_id:
         state.save_last_release(
             instructions.federation_id, instructions.server_round, dict(arrays), metrics
         )
-    record_release(
-        state,
-        settings,
-        run_id,
-        instructions.server_round,
-        "train",
-        released,
-        cumulative,
-        arrays,
-        metrics,
-        instructions.federation_id,
-    )
+    state.save_head(model, instructions.schema.fingerprint)
+    entry = _record_train(state, settings, instructions, run_id, arrays, metrics, charge)
     log.info(
         "%s round %d: %d DP steps, σ=%.3f, ε %.4f -> %.4f of %.4f%s",
         settings.name,
@@ -139,63 +174,135 @@ def train_round(
         approved.plan.total_steps,
         approved.plan.noise_multiplier,
         approved.epsilon_before,
-        cumulative,
+        approved.epsilon_after,
         policy.epsilon_budget,
         " (trimmed to fit the budget)" if approved.trimmed else "",
     )
-    return BankReply(arrays=arrays, metrics=metrics)
+    return BankReply(arrays, metrics, int(entry["seq"]), str(entry["hash"]))
 
 
-def _noise_seed(settings: BankSettings) -> int:
-    """A secret seed for DP noise and sampling: if the server could guess it, it could
-    regenerate the noise and remove it. Only tests and benchmarks fix it (`noise-seed`)."""
-    if settings.noise_seed is not None:
-        return settings.noise_seed
-    return secrets.randbits(63)
+def encoder_sha256(encoder: Mapping[str, np.ndarray]) -> str:
+    """One hash of a whole encoder (names, dtypes, shapes, bytes), for the ledger."""
+    digest = hashlib.sha256()
+    for key in sorted(encoder):
+        digest.update(key.encode())
+        digest.update(array_sha256(np.asarray(encoder[key])).encode())
+    return digest.hexdigest()
+
+
+def _optional_releases(
+    settings: BankSettings, state: BankState, charged: list[DpEvent]
+) -> dict[str, DpEvent]:
+    """The opt-in DP releases of this round that still fit the budget (training comes after).
+
+    Evaluation needs a head (the bank's model of the received encoder); a release that
+    does not fit is simply not made.
+    """
+    policy = settings.policy
+    wanted: dict[str, DpEvent] = {}
+    if policy.release_eval_metrics and state.has_head():
+        wanted["eval"] = mechanism_event(policy.eval_noise_multiplier)
+    if policy.release_num_examples:
+        wanted["count"] = mechanism_event(policy.count_noise_multiplier)
+    chosen: dict[str, DpEvent] = {}
+    for name, event in wanted.items():
+        trial = [*charged, *chosen.values(), event]
+        if epsilon_spent(trial, policy.delta, policy.accountant) < policy.epsilon_budget:
+            chosen[name] = event
+        else:
+            log.info("%s: the %s release does not fit the budget; not sent", settings.name, name)
+    return chosen
+
+
+def _record_train(
+    state: BankState,
+    settings: BankSettings,
+    instructions: RoundInstructions,
+    run_id: int,
+    arrays: Mapping[str, np.ndarray],
+    metrics: Mapping[str, float | int],
+    charge: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The release entry of a charged round: no DP events of its own (the charge has them)."""
+    return record_release(
+        state,
+        settings,
+        run_id,
+        instructions.server_round,
+        TRAIN,
+        [],
+        float(charge["epsilon_cumulative"]),
+        arrays,
+        metrics,
+        instructions.federation_id,
+        extra={"charge_seq": int(charge["seq"])},
+    )
+
+
+def _round_generator(
+    settings: BankSettings, instructions: RoundInstructions, run_id: int, charge_seq: int
+) -> torch.Generator:
+    """The round's secret generator for sampling and noise: 64 bits from the OS CSPRNG.
+
+    If the server could guess the seed it could regenerate the noise and remove it. Only
+    tests and benchmarks fix `noise-seed`; even then each round (each charge) differs.
+    """
+    if settings.noise_seed is None:
+        seed = secrets.randbits(63)
+    else:
+        material = (
+            f"{settings.noise_seed}|{run_id}|{instructions.federation_id}|"
+            f"{instructions.server_round}|{charge_seq}"
+        )
+        seed = int.from_bytes(hashlib.sha256(material.encode()).digest()[:8], "big") >> 1
+    return torch.Generator().manual_seed(seed)
 
 
 def _replay_if_already_released(
     state: BankState, settings: BankSettings, instructions: RoundInstructions, run_id: int
 ) -> BankReply | None:
-    """A restarted server may ask again for a round this bank already released.
+    """A restarted server may ask again for a round this bank already charged.
 
     Re-sending the very same arrays costs no privacy (nothing new is computed from the
-    data), so the bank replays them and records the replay; it never trains twice for
-    one round of one federation. If the release cannot be replayed, the round is declined.
+    data), so the bank replays them and records the replay; it never trains twice for one
+    round of one federation. A round charged but never finished is declined: it stays paid.
     """
     if not instructions.federation_id:
         return None
-    entries = state.ledger.entries()
-    done = [
+    mine = [
         e
-        for e in entries
-        if e.get("kind") == "train"
-        and e.get("federation_id") == instructions.federation_id
+        for e in state.ledger.entries()
+        if e.get("federation_id") == instructions.federation_id
         and e.get("server_round") == instructions.server_round
     ]
-    if not done:
+    charges = [e for e in mine if e.get("kind") == CHARGE]
+    if not charges:
         return None
     saved = state.last_release(instructions.federation_id, instructions.server_round)
-    if saved is None or saved[1].get(EPSILON) != done[-1]["epsilon_cumulative"]:
+    sent = [e for e in mine if e.get("kind") == TRAIN]
+    if saved is None or saved[1].get(EPSILON) != charges[-1]["epsilon_cumulative"]:
         raise PrivacyBudgetError(
-            f"round {instructions.server_round} of this federation was already released "
+            f"round {instructions.server_round} of this federation was already charged "
             "and cannot be replayed; not training twice"
         )
     arrays, metrics = saved
-    record_release(
-        state,
-        settings,
-        run_id,
-        instructions.server_round,
-        "train-replay",
-        [],
-        float(done[-1]["epsilon_cumulative"]),
-        arrays,
-        metrics,
-        instructions.federation_id,
-    )
+    if not sent:  # trained and kept, but the release was never recorded: record it now
+        entry = _record_train(state, settings, instructions, run_id, arrays, metrics, charges[-1])
+    else:
+        entry = record_release(
+            state,
+            settings,
+            run_id,
+            instructions.server_round,
+            REPLAY,
+            [],
+            float(charges[-1]["epsilon_cumulative"]),
+            arrays,
+            metrics,
+            instructions.federation_id,
+        )
     log.info("%s replayed its round %d release", settings.name, instructions.server_round)
-    return BankReply(arrays=OrderedDict(arrays), metrics=dict(metrics))
+    return BankReply(OrderedDict(arrays), dict(metrics), int(entry["seq"]), str(entry["hash"]))
 
 
 def evaluate_round(
@@ -204,38 +311,78 @@ def evaluate_round(
     encoder: Mapping[str, np.ndarray],
     run_id: int,
 ) -> BankReply:
-    """Metrics of global encoder + private head on the bank's own test split, if policy allows."""
+    """Exact metrics of the encoder + private head, for the bank's own report only.
+
+    The reply carries ε spent (public) and the ledger anchor: never a metric or count of
+    the test split, whatever encoder the server sends and however often it asks.
+    """
     state = BankState(settings.state_dir)
-    policy = settings.policy
-    _, test = load_bank_data(
-        settings.data_path, instructions.schema, settings.test_fraction, settings.seed
-    )
     if not state.has_head():
-        raise PrivacyBudgetError(
-            "no private head yet: this bank has not trained in this federation"
-        )
+        raise DataError("no private head yet: this bank has not trained in this federation")
+    _, test = load_bank_data(
+        settings.data_path, instructions.schema, settings.test_fraction, state.split_key()
+    )
     model = bank_model(settings, state, instructions, encoder, None)
-    entries = state.ledger.entries()  # verifies the chain
-    spent = float(entries[-1]["epsilon_cumulative"]) if entries else 0.0
+    assert test.label is not None
+    exact = credit_metrics(test.label, predict_proba(model, test))
+    state.append_evaluation(
+        {
+            "run_id": int(run_id),
+            "federation_id": instructions.federation_id,
+            "server_round": instructions.server_round,
+            "encoder_sha256": encoder_sha256(encoder),
+            "test_rows": len(test.numeric),
+            "metrics": {k: (v if np.isfinite(v) else None) for k, v in exact.items()},
+        }
+    )
+    spent = epsilon_charged(state)
     metrics: dict[str, float | int] = {EPSILON: spent}
-    if policy.release_eval_metrics:
-        scores = credit_metrics(test.label, predict_proba(model, test))  # type: ignore[arg-type]
-        metrics.update({k: v for k, v in scores.items() if math.isfinite(v)})  # AUC needs 2 classes
-    if policy.release_num_examples:
-        metrics[NUM_EXAMPLES] = len(test.numeric)
-    record_release(
+    entry = record_release(
         state,
         settings,
         run_id,
         instructions.server_round,
-        "evaluate",
+        EVALUATE,
         [],
         spent,
         {},
         metrics,
         instructions.federation_id,
     )
-    return BankReply(metrics=metrics)
+    return BankReply(metrics=metrics, ledger_seq=int(entry["seq"]), ledger_head=str(entry["hash"]))
+
+
+def epsilon_charged(state: BankState) -> float:
+    """Cumulative ε recorded by the ledger's last entry (0 for a new bank)."""
+    entries = state.ledger.entries()
+    return float(entries[-1]["epsilon_cumulative"]) if entries else 0.0
+
+
+def record_decline(
+    settings: BankSettings, run_id: int, server_round: int, federation_id: str, reason: str
+) -> BankReply:
+    """Record a declined reply (nothing computed from data is in it) and anchor it.
+
+    Returns ε spent in `metrics` (public). Raises if the ledger cannot be read or written.
+    """
+    state = BankState(settings.state_dir)
+    spent = epsilon_charged(state)
+    entry = record_release(
+        state,
+        settings,
+        run_id,
+        server_round,
+        DECLINED,
+        [],
+        spent,
+        {},
+        {},
+        federation_id,
+        extra={"reason": reason},
+    )
+    return BankReply(
+        metrics={EPSILON: spent}, ledger_seq=int(entry["seq"]), ledger_head=str(entry["hash"])
+    )
 
 
 def _released_events(

@@ -4,6 +4,10 @@ The noise multiplier is calibrated (with the tight PRV accountant) so that the r
 remaining planned rounds fit what is left of the budget, never below the policy's floor.
 Then the round's steps are trimmed to what still fits; if nothing fits, the round is
 declined. Whatever the server asks, cumulative ε never passes `epsilon-budget`.
+
+Nothing here depends on the bank's row count: the sample rate is the policy's, steps are
+epochs / q, and the server's epochs and horizon are clamped to the policy's bounds. So σ,
+ε and whether a round is approved are functions of public facts only.
 """
 
 import math
@@ -16,11 +20,14 @@ from common.accounting import (
     calibrate_noise_multiplier,
     epsilon_spent,
     max_steps_within_budget,
-    sample_rate_for,
 )
 from common.config import PrivacyPolicy
 from common.errors import PrivacyBudgetError
 from common.protocol import RoundInstructions
+
+
+class BudgetSpentError(PrivacyBudgetError):
+    """No more DP work fits the budget: a public fact (every ε sent adds up to it)."""
 
 
 @dataclass(frozen=True)
@@ -36,27 +43,31 @@ def approve_round(
     state: BankState,
     policy: PrivacyPolicy,
     instructions: RoundInstructions,
-    num_examples: int,
     run_id: int,
+    past: list[DpEvent],
 ) -> ApprovedRound:
-    """The DP plan for this round, or `PrivacyBudgetError` when no step fits the budget."""
-    past = state.ledger.dp_events()
+    """The DP plan for this round, or `BudgetSpentError` when no step fits the budget.
+
+    `past` is every event already charged plus this round's other releases. Call it
+    inside `PrivacyLedger.reserved()` and record the charge before releasing the lock.
+    """
     spent = epsilon_spent(past, policy.delta, policy.accountant)
     if spent >= policy.epsilon_budget:
-        raise PrivacyBudgetError(
+        raise BudgetSpentError(
             f"budget spent: ε={spent:.4f} of {policy.epsilon_budget} (δ={policy.delta})"
         )
     request = instructions.plan
-    batch_size = request.batch_size
-    q = sample_rate_for(num_examples, batch_size)
-    encoder_steps = max(1, math.ceil(request.local_epochs / q))
-    head_steps = math.ceil(request.head_epochs / q) if request.mode == "fedrep" else 0
+    q = policy.sample_rate
+    local_epochs = min(request.local_epochs, policy.max_local_epochs)
+    head_epochs = min(request.head_epochs, policy.max_local_epochs)
+    encoder_steps = max(1, math.ceil(local_epochs / q - 1e-9))
+    head_steps = math.ceil(head_epochs / q - 1e-9) if request.mode == "fedrep" else 0
     per_round = encoder_steps + head_steps
-    remaining_rounds = instructions.num_rounds - instructions.server_round + 1
+    remaining_rounds = planned_rounds(policy, instructions)
 
     sigma = _noise_multiplier(state, policy, past, run_id, q, per_round, remaining_rounds)
     if sigma is None:
-        raise PrivacyBudgetError(
+        raise BudgetSpentError(
             f"budget nearly spent: ε={spent:.4f} of {policy.epsilon_budget}; "
             f"not one round fits at the largest useful noise ({policy.max_noise_multiplier})"
         )
@@ -65,7 +76,7 @@ def approve_round(
         past, requested, policy.delta, policy.epsilon_budget, policy.accountant
     )
     if allowed == 0:
-        raise PrivacyBudgetError(
+        raise BudgetSpentError(
             f"budget nearly spent: ε={spent:.4f} of {policy.epsilon_budget}; no step fits"
         )
     if allowed < per_round:  # keep fedrep's head/encoder proportion
@@ -75,7 +86,7 @@ def approve_round(
         mode=request.mode,
         noise_multiplier=sigma,
         max_grad_norm=policy.max_grad_norm,
-        batch_size=batch_size,
+        batch_size=request.batch_size,
         sample_rate=q,
         learning_rate=request.learning_rate,
         head_steps=head_steps,
@@ -84,6 +95,13 @@ def approve_round(
     )
     after = epsilon_spent([*past, plan.event()], policy.delta, policy.accountant)
     return ApprovedRound(plan, past, spent, after, trimmed=allowed < per_round)
+
+
+def planned_rounds(policy: PrivacyPolicy, instructions: RoundInstructions) -> int:
+    """The horizon the noise is calibrated for: the server's remaining rounds, within the
+    bank's bounds (a server that announces one round cannot buy low noise with it)."""
+    remaining = instructions.num_rounds - instructions.server_round + 1
+    return min(max(remaining, policy.min_planned_rounds), policy.max_planned_rounds)
 
 
 def _noise_multiplier(

@@ -1,9 +1,14 @@
 """The ClientApp that runs inside each bank.
 
-It reads the bank's private settings from the SuperNode's node config, hands each message
-to `bank_worker`, and replies with the encoder arrays and the numbers the bank's policy
-allows, or with a declined status. The private head, raw rows and per-example values are
-never put in a reply; the reply is recorded in the ledger before it is returned.
+It reads the bank's private settings (node config, or the bank runner's own config), hands
+each message to `bank_worker`, and replies with the encoder arrays and the numbers the
+bank's policy allows, or with a declined status. The private head, raw rows and exact
+statistics are never put in a reply; the reply is recorded in the ledger before it is
+returned, and carries that ledger entry's sequence number and hash (the server's anchor).
+
+A declined reply says only "declined" (or "privacy budget spent", a public fact) with ε
+spent and the budget: error types and texts can depend on the data, so they stay in the
+bank's log.
 """
 
 import logging
@@ -17,16 +22,26 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client.bank_settings import BankSettings, settings_from_node_config
-from client.bank_worker import BankReply, evaluate_round, train_round
+from client.bank_worker import BankReply, evaluate_round, record_decline, train_round
 from client.release_guard import release_guard
-from common.errors import FedfinError, PrivacyBudgetError
+from common.errors import FedfinError
 from common.protocol import (
     ARRAYS,
+    BANK_KEY,
     CONFIG,
+    EPSILON,
+    EPSILON_BUDGET,
+    EPSILON_SPENT,
+    LEDGER_HEAD,
+    LEDGER_SEQ,
     METRICS,
+    REASON_BUDGET,
+    REASON_DECLINED,
+    REASON_KEY,
     SOURCE_HEAD,
     STATUS,
     STATUS_DECLINED,
+    STATUS_KEY,
     STATUS_OK,
     RoundInstructions,
 )
@@ -41,14 +56,44 @@ def settings_from_context(context: Context) -> BankSettings:
 
 
 def declined_reason(exc: Exception) -> str:
-    """What the server may learn about a failure: its kind, and budget figures (already public).
+    """The one thing the server may learn about a failure: one of two fixed strings."""
+    from client.budget import BudgetSpentError
 
-    Data errors can quote a bank's own values, so their text stays in the bank's log.
-    """
-    if isinstance(exc, PrivacyBudgetError):
-        return f"privacy budget: {exc}"
-    kind = type(exc).__name__ if isinstance(exc, FedfinError) else "internal error"
-    return f"{kind} (details in the bank's log)"
+    return REASON_BUDGET if isinstance(exc, BudgetSpentError) else REASON_DECLINED
+
+
+def declined_status(
+    message: Message, settings: BankSettings | None, reason: str
+) -> dict[str, ConfigValue]:
+    """Status of a declined reply: the fixed reason, public budget facts, the ledger anchor."""
+    status: dict[str, ConfigValue] = {STATUS_KEY: STATUS_DECLINED, REASON_KEY: reason}
+    if settings is None:
+        return status
+    status[BANK_KEY] = settings.name
+    try:
+        config = message.content.config_records.get(CONFIG, ConfigRecord())
+        decline = record_decline(
+            settings,
+            message.metadata.run_id,
+            _int_or_zero(config.get("server-round")),
+            str(config.get("federation-id", "")),
+            reason,
+        )
+    except Exception:  # a broken ledger: the decline goes without an anchor
+        log.exception("%s could not record its declined reply", settings.name)
+        return status
+    status[EPSILON_SPENT] = float(decline.metrics[EPSILON])
+    status[EPSILON_BUDGET] = float(settings.policy.epsilon_budget)
+    status[LEDGER_SEQ] = decline.ledger_seq
+    status[LEDGER_HEAD] = decline.ledger_head
+    return status
+
+
+def _int_or_zero(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return 0
 
 
 def build_client_app(
@@ -66,10 +111,9 @@ def build_client_app(
     def handle(message: Message, context: Context, train: bool) -> Message:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        name = "bank"
+        settings: BankSettings | None = None
         try:
             settings = resolve_settings(context)
-            name = settings.name
             instructions = RoundInstructions.from_config(
                 dict(message.content.config_records[CONFIG])
             )
@@ -86,20 +130,24 @@ def build_client_app(
             else:
                 reply = evaluate_round(settings, instructions, encoder, run_id)
         except Exception as exc:  # the bank keeps running; the server sees a declined round
+            name = settings.name if settings else "bank"
             if isinstance(exc, FedfinError):
                 log.warning("%s declined %s: %s", name, message.metadata.message_type, exc)
             else:
                 log.exception("%s failed on %s", name, message.metadata.message_type)
-            status: dict[str, ConfigValue] = {
-                "status": STATUS_DECLINED,
-                "bank": name,
-                "reason": declined_reason(exc),
-            }
+            status = declined_status(message, settings, declined_reason(exc))
             return Message(RecordDict({STATUS: ConfigRecord(status)}), reply_to=message)
         content = RecordDict(
             {
                 METRICS: MetricRecord(dict[str, MetricValue](reply.metrics)),
-                STATUS: ConfigRecord({"status": STATUS_OK, "bank": name}),
+                STATUS: ConfigRecord(
+                    {
+                        STATUS_KEY: STATUS_OK,
+                        BANK_KEY: settings.name,
+                        LEDGER_SEQ: reply.ledger_seq,
+                        LEDGER_HEAD: reply.ledger_head,
+                    }
+                ),
             }
         )
         if reply.arrays:

@@ -3,16 +3,25 @@
 The accountant's history is restored from the bank's ledger before training, so the ε
 it reports is cumulative over every round, run and restart, never just this round's.
 Noise, clipping and steps come from a `DpStepPlan` the bank's budget has approved.
+
+Randomness: Opacus' `secure_mode` needs `torchcsprng`, which has no build for the pinned
+torch. The next best is done here: one `torch.Generator` per round, seeded with 64 bits
+from the OS's CSPRNG (`secrets`), drives both the Poisson sampling and the noise, and the
+optimizer's `secure_mode` noise (2n Gaussian draws, against floating-point attacks) is on.
+The server never learns the seed, so it cannot regenerate or subtract the noise.
+
+Sampling uses the bank's own rate q (never 1/ceil(N/B)), and the clipped sum is divided by
+a public constant (the server's batch size), not by the private expected batch size qN.
 """
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from torch import nn
-from torch.utils.data import DataLoader
 
 from common.accounting import DpEvent, merged_history
 from common.config import FineTuneMode
@@ -30,7 +39,7 @@ class DpStepPlan:
     mode: FineTuneMode
     noise_multiplier: float
     max_grad_norm: float
-    batch_size: int
+    batch_size: int  # public normaliser of the noisy clipped sum (not a sample size)
     sample_rate: float
     learning_rate: float
     head_steps: int  # fedrep only: steps on the head with the encoder frozen
@@ -47,16 +56,26 @@ class DpStepPlan:
         )
 
 
+StepObserver = Callable[[list[torch.Tensor]], None]
+
+
 def train_with_dp(
-    model: CreditModel, data: EncodedTable, plan: DpStepPlan, past: list[DpEvent], seed: int
+    model: CreditModel,
+    data: EncodedTable,
+    plan: DpStepPlan,
+    past: list[DpEvent],
+    generator: torch.Generator,
+    observe_step: StepObserver | None = None,
 ) -> list[tuple[float, float, int]]:
     """Train `model` in place; return the accountant's full history (past + this round).
 
-    `seed` drives the DP noise and the Poisson sampling (through torch's default generator,
-    as Opacus uses it outside its secure mode): it must be secret (see bank_worker).
+    `generator` drives the DP noise and the Poisson sampling: it must be secret (see
+    bank_worker). `observe_step`, if given, sees the gradients each step applies (after
+    clipping, noise and scaling): what an auditor of the noise needs.
     """
-    torch.manual_seed(seed)
-    engine = PrivacyEngine(accountant="prv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "secure RNG off": see the module docstring
+        engine = PrivacyEngine(accountant="prv")
     engine.accountant.history = merged_history(past)
     phases: list[tuple[nn.Module, int]]
     if plan.mode == "fedrep":
@@ -69,7 +88,9 @@ def train_with_dp(
         warnings.simplefilter("ignore")  # Opacus warns about secure RNG and backward hooks
         for trainable, steps in phases:
             if steps > 0:
-                _run_phase(engine, model, trainable, dataset, plan, steps, anchor)
+                _run_phase(
+                    engine, model, trainable, dataset, plan, steps, anchor, generator, observe_step
+                )
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     return list(engine.accountant.history)
@@ -83,15 +104,16 @@ def _run_phase(
     plan: DpStepPlan,
     steps: int,
     anchor: list[torch.Tensor],
+    generator: torch.Generator,
+    observe_step: StepObserver | None,
 ) -> None:
     """`steps` Poisson-sampled, clipped and noised steps on `trainable`'s parameters only."""
     wanted = {id(p) for p in trainable.parameters()}
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in wanted)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=plan.learning_rate
-    )
-    loader = DataLoader(dataset, batch_size=plan.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
+    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=generator)
     private_model, dp_optimizer, criterion, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -99,17 +121,27 @@ def _run_phase(
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=False,  # `loader` already samples each record with the bank's q
         grad_sample_mode=GRAD_SAMPLE_MODE,
     )
+    dp_optimizer.generator = generator
+    dp_optimizer.secure_mode = True  # 2n Gaussian draws per coordinate (Opacus' FP-attack fix)
+    dp_optimizer.expected_batch_size = plan.batch_size  # public, unlike qN
+    if observe_step is not None:
+        optimizer.register_step_pre_hook(
+            lambda *_: observe_step([p.grad.detach().clone() for p in params if p.grad is not None])
+        )
     private_model.train()
     batches = _forever(dp_loader)
     for _ in range(steps):
         numeric, categorical, target = next(batches)
         dp_optimizer.zero_grad()
-        loss = criterion(private_model(numeric, categorical), target)
-        loss.backward()
-        dp_optimizer.step()
+        if len(target) == 0:
+            _noise_only_step(dp_optimizer, params, plan, generator)
+        else:
+            loss = criterion(private_model(numeric, categorical), target)
+            loss.backward()
+            dp_optimizer.step()
         if plan.proximal_mu > 0:  # post-processing of a DP step with public weights: still DP
             with torch.no_grad():
                 for parameter, start in zip(model.encoder.parameters(), anchor, strict=True):
@@ -118,6 +150,29 @@ def _run_phase(
     private_model.to_standard_module()
 
 
-def _forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+def _noise_only_step(
+    dp_optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    plan: DpStepPlan,
+    generator: torch.Generator,
+) -> None:
+    """A step on an empty Poisson batch: the clipped sum is zero, the noise is not.
+
+    DP-SGD's guarantee assumes every step adds N(0, σ²C²) whatever the batch holds; an empty
+    batch that skipped the step (or crashed it) would make the step count depend on data.
+    The step is counted by the accountant exactly as a normal one.
+    """
+    from opacus.optimizers.optimizer import _generate_noise
+
+    std = plan.noise_multiplier * plan.max_grad_norm
+    for parameter in params:
+        noise = _generate_noise(std, parameter, generator=generator, secure_mode=True)
+        parameter.grad = noise / plan.batch_size
+    optimizer: torch.optim.Optimizer = dp_optimizer.original_optimizer  # type: ignore[attr-defined]
+    optimizer.step()
+    dp_optimizer.step_hook(dp_optimizer)  # type: ignore[attr-defined]  # the accountant's step
+
+
+def _forever(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
     while True:
         yield from loader

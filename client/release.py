@@ -2,10 +2,15 @@
 
 The entry says what leaves the bank (a SHA-256 per array, every metric value) and what
 it cost (the DP events, ε of this release and cumulative ε, under the named accountant).
+Training is charged before it starts (a "charge" entry with the round's DP events), and
+its release is recorded after (a "train" entry naming the charge), so a crash at any
+point leaves at least what ran in the ledger. Each entry carries a random nonce: its hash
+goes to the server as an anchor, and must not be a function of guessable values only.
 """
 
 import hashlib
 import importlib.metadata
+import secrets
 from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -49,11 +54,14 @@ def record_release(
     arrays: Mapping[str, np.ndarray],
     metrics: Mapping[str, float | int],
     federation_id: str = "",
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Append the release to the ledger (flushed and fsync'ed); return the entry."""
     policy = settings.policy
     return state.ledger.append(
         {
+            **(extra or {}),
+            "nonce": secrets.token_hex(16),
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "bank": settings.name,
             "run_id": int(run_id),

@@ -1,23 +1,39 @@
 """A client mod that checks every reply before it leaves the bank.
 
 Defence in depth behind `bank_worker`: whatever a handler returns, a reply may carry only
-the encoder's arrays (keys matching the received encoder exactly), the metrics the
-protocol allows, and a status. Anything else is replaced by a declined status.
+the encoder's arrays (keys, shapes and dtypes matching the received encoder exactly, and
+only in a train reply), the metrics the protocol allows, and a status with the allowed keys
+and, when declined, one of the fixed reasons. Anything else is replaced by a bare declined
+status.
 """
 
 import logging
 
-from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.protocol import (
     ALLOWED_EVAL_METRICS,
     ALLOWED_REPLY_RECORDS,
+    ALLOWED_STATUS_KEYS,
     ALLOWED_TRAIN_METRICS,
     ARRAYS,
+    DECLINE_REASONS,
     METRICS,
+    REASON_GUARD,
+    REASON_KEY,
     STATUS,
     STATUS_DECLINED,
+    STATUS_KEY,
+    STATUS_OK,
 )
 
 log = logging.getLogger("fedfin.bank")
@@ -31,20 +47,45 @@ def reply_problem(request: Message, reply: Message) -> str | None:
     names = set(content.keys())
     if not names <= ALLOWED_REPLY_RECORDS:
         return f"reply records {sorted(names - ALLOWED_REPLY_RECORDS)} are not allowed"
-    if ARRAYS in content.array_records:
-        sent = list(content.array_records[ARRAYS].keys())
-        received = (
-            list(request.content.array_records[ARRAYS].keys())
-            if ARRAYS in request.content.array_records
-            else []
-        )
-        if sent != received:
-            return "reply arrays are not exactly the received encoder's keys"
-    if METRICS in content.metric_records:
-        allowed = ALLOWED_TRAIN_METRICS if ARRAYS in content.array_records else ALLOWED_EVAL_METRICS
+    is_train = request.metadata.message_type == MessageType.TRAIN
+    if ARRAYS in names:
+        if not is_train or ARRAYS not in content.array_records:
+            return "only a train reply may carry arrays, as an array record"
+        problem = _arrays_problem(request, content.array_records[ARRAYS])
+        if problem:
+            return problem
+    if METRICS in names:
+        if METRICS not in content.metric_records:
+            return "metrics must be a metric record"
+        allowed = ALLOWED_TRAIN_METRICS if is_train else ALLOWED_EVAL_METRICS
         extra = set(content.metric_records[METRICS].keys()) - allowed
         if extra:
             return f"reply metrics {sorted(extra)} are not allowed"
+    if STATUS not in content.config_records:
+        return "reply has no status"
+    status = content.config_records[STATUS]
+    extra = set(status.keys()) - ALLOWED_STATUS_KEYS
+    if extra:
+        return f"status keys {sorted(extra)} are not allowed"
+    if status.get(STATUS_KEY) == STATUS_DECLINED:
+        if status.get(REASON_KEY) not in DECLINE_REASONS:
+            return "a declined reply may only give one of the fixed reasons"
+        if ARRAYS in names or METRICS in names:
+            return "a declined reply carries no arrays or metrics"
+    elif status.get(STATUS_KEY) != STATUS_OK or REASON_KEY in status:
+        return "status must be ok (without a reason) or declined"
+    return None
+
+
+def _arrays_problem(request: Message, sent: ArrayRecord) -> str | None:
+    """The reply's arrays must be the received encoder's, in names, shapes and dtypes."""
+    received = request.content.array_records.get(ARRAYS)
+    if received is None or list(sent.keys()) != list(received.keys()):
+        return "reply arrays are not exactly the received encoder's keys"
+    for key, array in sent.items():
+        expected = received[key]
+        if tuple(array.shape) != tuple(expected.shape) or array.dtype != expected.dtype:
+            return f"reply array '{key}' does not have the received encoder's shape and dtype"
     return None
 
 
@@ -56,7 +97,7 @@ def release_guard(message: Message, context: Context, call_next: ClientAppCallab
         return reply
     log.error("release guard stopped a reply: %s", problem)
     status: dict[str, ConfigRecordValues] = {
-        "status": STATUS_DECLINED,
-        "reason": "release guard stopped the reply",
+        STATUS_KEY: STATUS_DECLINED,
+        REASON_KEY: REASON_GUARD,
     }
     return Message(RecordDict({STATUS: ConfigRecord(status)}), reply_to=message)

@@ -87,7 +87,12 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class PrivacyPolicy:
-    """A bank's privacy rules. Set in the bank's node config; the server cannot change them."""
+    """A bank's privacy rules. Set by the bank (node config or runner config); the server
+    cannot change them, and everything that sets the noise is bounded here.
+
+    The Poisson sample rate is the bank's, not derived from its row count: so neither σ nor
+    ε (both sent or inferable) depends on N, and a server's batch size cannot move them.
+    """
 
     epsilon_budget: float = 1.0
     delta: float = 1e-5
@@ -96,14 +101,26 @@ class PrivacyPolicy:
     # Past this much noise a round teaches nothing: decline instead of sending noise.
     max_noise_multiplier: float = 20.0
     accountant: str = "prv"
-    release_num_examples: bool = True
-    release_eval_metrics: bool = True
+    # Each record joins each step's batch with this probability; 1/sample_rate must be an
+    # integer (Opacus accounts q = 1 / batches per epoch).
+    sample_rate: float = 0.05
+    # Bounds on what the server may ask: epochs per round, and the horizon (rounds) the
+    # noise is calibrated for. A short horizon means less noise per round, so the bank
+    # plans for at least `min_planned_rounds` whatever the server says.
+    max_local_epochs: float = 1.0
+    min_planned_rounds: int = 3
+    max_planned_rounds: int = 100
+    # Opt-in releases, each through a Gaussian mechanism charged in the ledger.
+    release_num_examples: bool = False
+    release_eval_metrics: bool = False
+    count_noise_multiplier: float = 20.0  # σ of the noisy training-row count (sensitivity 1)
+    eval_noise_multiplier: float = 20.0  # σ of the noisy score histograms (sensitivity 1)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon_budget < float("inf"):
             raise ConfigError(f"epsilon-budget must be positive, got {self.epsilon_budget}")
-        if not 0.0 < self.delta < 1.0:
-            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if not 0.0 < self.delta < 1e-2:
+            raise ConfigError(f"delta must be in (0, 0.01), got {self.delta}")
         if not 0.0 < self.max_grad_norm < float("inf"):
             raise ConfigError(f"max-grad-norm must be positive, got {self.max_grad_norm}")
         if not 0.0 < self.min_noise_multiplier < float("inf"):
@@ -118,6 +135,33 @@ class PrivacyPolicy:
             )
         if self.accountant not in ("prv", "rdp"):
             raise ConfigError(f"accountant must be 'prv' or 'rdp', got '{self.accountant}'")
+        if not 0.0 < self.sample_rate <= 1.0 or not _is_unit_fraction(self.sample_rate):
+            raise ConfigError(
+                f"sample-rate must be 1/k for a whole number k (e.g. 0.05 = 1/20), "
+                f"got {self.sample_rate}"
+            )
+        if not 0.0 < self.max_local_epochs <= 100:
+            raise ConfigError(f"max-local-epochs must be in (0, 100], got {self.max_local_epochs}")
+        if not 1 <= self.min_planned_rounds <= self.max_planned_rounds <= 100_000:
+            raise ConfigError(
+                "min-planned-rounds and max-planned-rounds must satisfy "
+                f"1 <= min <= max <= 100000, got {self.min_planned_rounds}, "
+                f"{self.max_planned_rounds}"
+            )
+        for key, value in (
+            ("count-noise-multiplier", self.count_noise_multiplier),
+            ("eval-noise-multiplier", self.eval_noise_multiplier),
+        ):
+            if not 0.5 <= value < float("inf"):
+                raise ConfigError(f"{key} must be at least 0.5, got {value}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return round(1.0 / self.sample_rate)
+
+
+def _is_unit_fraction(rate: float) -> bool:
+    return abs(1.0 / rate - round(1.0 / rate)) < 1e-9 * (1.0 / rate)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from common.accounting import DpEvent
 from common.errors import LedgerError
 
 LEDGER_FILE = "ledger.jsonl"
+LOCK_FILE = "ledger.lock"  # held from approving a round to recording its charge
 GENESIS_HASH = "0" * 64
 UNIT_OF_PRIVACY = "one record (one loan) of this bank"
 NEIGHBOURING_RELATION = "add/remove one record (Poisson subsampling)"
@@ -108,6 +109,34 @@ class PrivacyLedger:
         if not result.ok:
             raise LedgerError(result.problems[0])
         return result.entries
+
+    @contextmanager
+    def reserved(self) -> Iterator[None]:
+        """Exclusive access from reading the past to recording a charge.
+
+        Two processes on one state directory must not both approve against the same past:
+        each would stay within the budget alone, together they would exceed it. The lock
+        is on a separate file, so `append` (which locks the ledger file) works inside it.
+        """
+        lock_path = self.path.parent / LOCK_FILE
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a")  # noqa: SIM115 - closed below, after unlocking
+        except OSError as exc:
+            raise LedgerError(f"{lock_path}: cannot open ledger lock ({exc.strerror})") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
+    def head(self) -> tuple[int, str]:
+        """(sequence number, hash) of the last whole entry: what a reply anchors."""
+        entries = self.entries()
+        if not entries:
+            return 0, GENESIS_HASH
+        return int(entries[-1]["seq"]), str(entries[-1]["hash"])
 
     def dp_events(self) -> list[DpEvent]:
         """Every DP event ever released by this bank: the accountant's history."""

@@ -30,7 +30,6 @@ from client.bank_data import load_bank_data
 from client.bank_settings import BankSettings
 from client.bank_state import BankState
 from client.bank_worker import BankReply, bank_model, evaluate_round, train_round
-from common.accounting import sample_rate_for
 from common.checkpoint import EncoderCheckpoint
 from common.config import TrainPlanConfig
 from common.errors import PrivacyBudgetError
@@ -155,8 +154,13 @@ def run_federated_loop(
     per_bank = {}
     for bank in banks:
         encoder = encoders[bank.name] if config.sharing == "none" else global_encoder
-        metrics = evaluate_round(bank, last, encoder, config.run_id).metrics
-        per_bank[bank.name] = {k: float(v) for k, v in metrics.items()}
+        reply = evaluate_round(bank, last, encoder, config.run_id)
+        # Each bank reads its own exact report: nothing crosses the federation here.
+        exact = BankState(bank.state_dir).evaluations()[-1]["metrics"]
+        per_bank[bank.name] = {
+            **{k: float("nan") if v is None else float(v) for k, v in exact.items()},
+            **{k: float(v) for k, v in reply.metrics.items()},
+        }
     return LoopResult(per_bank, declined)
 
 
@@ -183,15 +187,19 @@ def train_round_without_dp(
     """
     state = BankState(settings.state_dir)
     train, _ = load_bank_data(
-        settings.data_path, instructions.schema, settings.test_fraction, settings.seed
+        settings.data_path, instructions.schema, settings.test_fraction, state.split_key()
     )
     model = bank_model(settings, state, instructions, encoder, source_head)
     plan = instructions.plan
     rows = len(train.numeric)
-    batch_size = min(plan.batch_size, rows)
-    q = sample_rate_for(rows, batch_size)  # the step counts of client/budget.py
-    steps = max(1, math.ceil(plan.local_epochs / q))
-    head_steps = math.ceil(plan.head_epochs / q) if plan.mode == "fedrep" else 0
+    q = settings.policy.sample_rate  # the step counts of client/budget.py
+    batch_size = max(1, round(q * rows))
+    steps = max(1, math.ceil(min(plan.local_epochs, settings.policy.max_local_epochs) / q - 1e-9))
+    head_steps = (
+        math.ceil(min(plan.head_epochs, settings.policy.max_local_epochs) / q - 1e-9)
+        if plan.mode == "fedrep"
+        else 0
+    )
     phases: list[tuple[nn.Module, int]] = (
         [(model.head, head_steps), (model.encoder, steps)]
         if plan.mode == "fedrep"
