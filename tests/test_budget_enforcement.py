@@ -6,11 +6,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from client.bank_settings import BankSettings
 from client.bank_state import BankState
-import torch
-
 from client.bank_worker import evaluate_round, train_round
 from client.dp_training import DpStepPlan, train_with_dp
 from client.release import array_sha256
