@@ -4,6 +4,10 @@ Each round: send the global encoder (and the public source head, to start new pr
 heads) to the banks, aggregate the encoder updates of the banks that accepted, ask every
 bank to evaluate the new encoder with its private head, then write the global encoder
 checkpoint and the round's summary before the next round starts.
+
+Every reply's ledger anchor (its bank's ledger sequence number and head hash) is appended to
+`ledger-anchors.jsonl` as it arrives, across rounds, resumes and federations: the outside
+record `fedfin audit --anchors` checks each bank's ledger against.
 """
 
 import hashlib
@@ -17,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from common.atomic import write_json_atomically
 from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, save_encoder_checkpoint
 from common.config import FederationConfig
+from common.ledger_anchors import ANCHORS_FILE
 from common.protocol import METRICS, NUM_EXAMPLES, SOURCE_HEAD, RoundInstructions
 from common.shared_weights import from_array_record, to_array_record
 from server.round_summary import (
@@ -81,6 +86,7 @@ def run_federation(
             "resuming federation %s after round %d", state.federation_id, state.completed_round
         )
     head_record = to_array_record(source_head) if source_head else None
+    ledger_seqs: dict[str, int] = {}  # each bank's last anchored seq, seen by this process
     for server_round in range(state.completed_round + 1, config.num_rounds + 1):
         started = time.perf_counter()
         instructions = RoundInstructions(
@@ -92,7 +98,13 @@ def run_federation(
             federation_id=state.federation_id,
         )
         round_config = ConfigRecord(instructions.to_config())
-        summary = RoundSummary(server_round, banks={}, aggregated=False)
+        summary = RoundSummary(
+            server_round,
+            banks={},
+            aggregated=False,
+            federation_id=state.federation_id,
+            anchor_file=out_dir / ANCHORS_FILE,
+        )
 
         messages = list(strategy.configure_train(server_round, arrays, round_config, grid))
         for message in messages:
@@ -123,6 +135,7 @@ def run_federation(
         for reply in grid.send_and_receive(evaluation, timeout=config.round_timeout):
             note_evaluate_reply(summary, reply)
         state.bank_names.update({str(n): b.bank for n, b in summary.banks.items()})
+        _warn_on_ledger_rollback(summary, ledger_seqs)
 
         summary.seconds = time.perf_counter() - started
         record = summary.as_dict()
@@ -175,14 +188,44 @@ def _completed_rounds(out_dir: Path, completed: int) -> list[dict[str, Any]]:
     return kept
 
 
+def _warn_on_ledger_rollback(summary: RoundSummary, seen: dict[str, int]) -> None:
+    """Say at once when a bank's ledger went backwards: the audit will flag it too."""
+    for row in summary.banks.values():
+        if row.ledger_seq is None:
+            continue
+        before = seen.get(row.bank)
+        if before is not None and row.ledger_seq < before:
+            log.warning(
+                "round %d: %s's ledger is at entry %d, after %d in an earlier reply "
+                "(rolled back?); `fedfin audit --anchors` will flag it",
+                summary.server_round,
+                row.bank,
+                row.ledger_seq,
+                before,
+            )
+        seen[row.bank] = row.ledger_seq
+
+
 def _set_weights(accepted: list[Message]) -> None:
-    """Weight by released example counts, or uniformly if any bank withholds its count."""
-    counts = [m.content.metric_records[METRICS].get(NUM_EXAMPLES) for m in accepted]
-    uniform = any(c is None or float(c) <= 0 for c in counts)  # type: ignore[arg-type]
-    for message, count in zip(accepted, counts, strict=True):
-        metrics = message.content.metric_records[METRICS]
-        weight = 1.0 if uniform else float(count)  # type: ignore[arg-type]
-        metrics[WEIGHT_KEY] = weight
-        if uniform and NUM_EXAMPLES in metrics:
-            # Flower's strategies refuse replies whose metric keys differ.
-            del metrics[NUM_EXAMPLES]
+    """Weight by released (DP-noised) example counts, or uniformly if any bank withholds one.
+
+    A noisy count may come out at or below 0; it is clipped to 1 (post-processing, no extra
+    privacy cost), so a small bank still counts a little instead of turning the round
+    uniform. Metrics only some banks send (DP metrics are opt-in) are dropped before
+    aggregation: the summary has noted them, and Flower's strategies refuse replies whose
+    metric keys differ.
+    """
+    for message in accepted:
+        if METRICS not in message.content.metric_records:
+            message.content[METRICS] = MetricRecord({})
+    records = [m.content.metric_records[METRICS] for m in accepted]
+    counts = [r.get(NUM_EXAMPLES) for r in records]
+    uniform = any(not isinstance(c, int | float) for c in counts)
+    for metrics, count in zip(records, counts, strict=True):
+        metrics[WEIGHT_KEY] = 1.0 if uniform else max(1.0, float(count))  # type: ignore[arg-type]
+    common = set.intersection(*(set(r.keys()) for r in records)) if records else set()
+    if uniform:
+        common.discard(NUM_EXAMPLES)
+    for metrics in records:
+        for key in set(metrics.keys()) - common:
+            del metrics[key]
