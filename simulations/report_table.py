@@ -8,7 +8,11 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def bank_table(report: dict[str, Any]) -> str:
-    """AUC before (public model) and after federation, and ε spent of the budget, per bank."""
+    """AUC before (public model) and after federation, and ε spent of the budget, per bank.
+
+    The federated AUC is what each bank measured itself and kept in its local report; in a
+    simulation, which plays every bank, the table gathers those reports side by side.
+    """
     header = ("bank", "train rows", "AUC public model", "AUC federated", "ε spent", "ε budget")
     rows = [
         (
@@ -39,4 +43,8 @@ def bank_table(report: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append(
+        "AUC federated: the final global encoder with each bank's private head on the bank's "
+        "own test split, read from each bank's local report (banks never send it)"
+    )
     return "\n".join(lines)

@@ -4,10 +4,18 @@ Everything of a run lives in its directory:
     pretrained/             the public encoder (when simulate pretrained it)
     banks/<bank>/data/      each bank's train/test tables (its private data)
     banks/<bank>/state/     each bank's ledger and private head
+    banks/<bank>/state/evaluations.jsonl  each bank's own exact evaluations (never sent)
     global/round-NNN/       the global encoder after each round
-    rounds.jsonl            one summary per round, as it happens
+    rounds.jsonl            the server's summary per round, as it happens
+    ledger-anchors.jsonl    the server's record of every reply's ledger head (for the audit)
     report.json             the final report, for programs
 Running again with the same directory continues each bank's privacy ledger.
+
+Banks do not send exact evaluation metrics: each keeps them in its own local report. The
+AUC a simulation prints per round and in its final table is read from those reports. That
+is legitimate only because a simulation plays every bank: each figure is a bank reading its
+own report, nothing crosses the federation, and the server's record (rounds.jsonl) holds no
+exact metric. In a deployment each bank reads its own report the same way.
 """
 
 import json
@@ -20,6 +28,7 @@ from typing import Any
 
 from flwr.clientapp.typing import Mod
 
+from client.bank_state import BankState
 from common.atomic import write_json_atomically
 from common.checkpoint import load_encoder_checkpoint
 from common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
@@ -74,6 +83,7 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
     banks = lay_out_banks(split, out, request.policy)
     before = public_model_metrics(encoder_dir, split)
     epsilon_at_start = {b.name: _ledger_epsilon(b.state_dir, request.policy) for b in banks.banks}
+    state_dirs = {b.name: b.state_dir for b in banks.banks}
 
     federation = FederationConfig(
         **{
@@ -88,12 +98,14 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
         f"({federation.strategy}, mode {federation.train.mode}, ε budget "
         f"{request.policy.epsilon_budget} per bank) on Flower's simulation engine ..."
     )
+
     def on_round(summary: dict[str, Any]) -> None:
-        echo(_round_line(summary, federation.num_rounds))
+        echo(_round_line(with_local_metrics(summary, state_dirs), federation.num_rounds))
 
     started = time.perf_counter()
     _run_flower_simulation(federation, banks, on_round, request)
-    rounds = _rounds_on_disk(out)  # includes rounds done before a crash, when resuming
+    # Includes rounds done before a crash, when resuming; AUC from the banks' own reports.
+    rounds = [with_local_metrics(r, state_dirs) for r in _rounds_on_disk(out)]
     if len(rounds) != federation.num_rounds:
         raise FedfinError(
             f"the simulation stopped after {len(rounds)} of {federation.num_rounds} rounds; "
@@ -156,16 +168,70 @@ def _ledger_epsilon(state_dir: Path, policy: PrivacyPolicy) -> float:
     return epsilon_spent(PrivacyLedger(state_dir).dp_events(), policy.delta, policy.accountant)
 
 
+def local_evaluation(
+    state_dir: Path, federation_id: str | None, server_round: int
+) -> dict[str, Any] | None:
+    """A bank's own exact evaluation of one round's global encoder, from its local report.
+
+    The simulation plays the bank here, reading the bank's report in the bank's state dir;
+    no figure came through the federation. A round evaluated twice (a resumed server asked
+    again) counts by its last evaluation. Without a federation id (a summary written before
+    rounds carried one), the last evaluation of that round number is taken.
+    """
+    matches = [
+        record
+        for record in BankState(state_dir).evaluations()
+        if record.get("server_round") == server_round
+        and (federation_id is None or record.get("federation_id") == federation_id)
+    ]
+    return matches[-1] if matches else None
+
+
+def with_local_metrics(summary: dict[str, Any], state_dirs: dict[str, Path]) -> dict[str, Any]:
+    """The server's round summary plus each bank's exact AUC and KS from its own report.
+
+    Adds per bank `auc`, `ks` (and `test_rows`), and across banks `mean_auc`,
+    `weighted_mean_auc` (by test rows) and `worst_bank_auc`: all of the encoder aggregated
+    in this round. `metrics_source` says where they come from, for whoever reads report.json.
+    """
+    per_bank = {name: dict(row) for name, row in summary.get("per_bank", {}).items()}
+    aucs: list[tuple[float, int]] = []
+    for name, state_dir in state_dirs.items():
+        record = local_evaluation(state_dir, summary.get("federation_id"), int(summary["round"]))
+        metrics = record.get("metrics", {}) if record else {}
+        auc = metrics.get("auc")
+        if record is None or auc is None:
+            continue
+        row = per_bank.setdefault(name, {})
+        row |= {"auc": auc, "ks": metrics.get("ks"), "test_rows": record.get("test_rows")}
+        aucs.append((float(auc), int(record.get("test_rows") or 0)))
+    rows = sum(n for _, n in aucs)
+    return {
+        **summary,
+        "per_bank": per_bank,
+        "metrics_source": "each bank's own local report (banks/<bank>/state/evaluations.jsonl)",
+        "mean_auc": sum(a for a, _ in aucs) / len(aucs) if aucs else None,
+        "weighted_mean_auc": sum(a * n for a, n in aucs) / rows if rows else None,
+        "worst_bank_auc": min((a for a, _ in aucs), default=None),
+    }
+
+
 def _round_line(summary: dict[str, Any], total: int) -> str:
     def fmt(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     declined = summary["banks_declined"]
+    dp_auc = summary.get("dp_mean_auc")
+    dp = (
+        f", DP mean AUC of round {summary['dp_auc_of_round']}'s encoder {fmt(dp_auc)}"
+        if dp_auc is not None
+        else ""
+    )
     return (
         f"round {summary['round']}/{total}: {summary['banks_trained']} banks trained, "
-        f"mean AUC {fmt(summary['mean_auc'])}, worst bank {fmt(summary['worst_bank_auc'])}, "
-        f"max ε {fmt(summary['max_epsilon'])} ({summary['seconds']:.1f} s)"
-        + (f"; declined: {'; '.join(declined)}" if declined else "")
+        f"mean AUC {fmt(summary['mean_auc'])}, worst bank {fmt(summary['worst_bank_auc'])} "
+        f"(banks' own reports){dp}, max ε {fmt(summary['max_epsilon'])} "
+        f"({summary['seconds']:.1f} s)" + (f"; declined: {'; '.join(declined)}" if declined else "")
     )
 
 
@@ -179,7 +245,7 @@ def _report(
     started: float,
     checkpoint: Any,
 ) -> dict[str, Any]:
-    last = rounds[-1]["per_bank"]
+    last = rounds[-1]["per_bank"]  # the last round's evaluation is of the final encoder
     per_bank = {}
     for settings, bank in zip(banks.banks, split.banks, strict=True):
         after = last.get(settings.name, {})
