@@ -34,6 +34,7 @@ def _run_bank_runner(args: argparse.Namespace) -> int:
     check_flower_version()
     secret = read_secret(config.secret_file) if config.secret_file else None
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per poll
 
     stop = threading.Event()
 

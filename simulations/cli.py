@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from client.runner_cli import add_runner_commands
 from common.config import FINE_TUNE_MODES, STRATEGY_NAMES
 from common.errors import ConfigError, FedfinError
 from server.coordinator_cli import add_coordinator_commands
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(run=_run_split)
     add_bank_commands(commands)
+    add_runner_commands(commands)
     add_coordinator_commands(commands)
     return parser
 
