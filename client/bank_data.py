@@ -36,16 +36,16 @@ def keyed_test_mask(frame: pd.DataFrame, key: bytes, test_fraction: float) -> np
     other rows, or of a public seed.
     """
     columns = sorted(frame.columns, key=str)
-    text = frame[columns].astype(str)
-    rows = text.apply(lambda row: _FIELD_SEPARATOR.join(row.values), axis=1) if len(frame) else []
+    joined = pd.Series([""] * len(frame), index=frame.index, dtype=object)
+    for number, column in enumerate(columns):
+        values = frame[column].astype(str)
+        joined = values if number == 0 else joined + _FIELD_SEPARATOR + values
     threshold = test_fraction * _HASH_SCALE
     mask = np.fromiter(
         (
-            int.from_bytes(
-                hashlib.blake2b(str(row).encode(), digest_size=8, key=key).digest(), "big"
-            )
+            int.from_bytes(hashlib.blake2b(row.encode(), digest_size=8, key=key).digest(), "big")
             < threshold
-            for row in rows
+            for row in joined.tolist()
         ),
         dtype=bool,
         count=len(frame),
