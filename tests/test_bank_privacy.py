@@ -429,3 +429,22 @@ def test_the_release_guard_lets_an_honest_reply_through(
     )
     reply = _guarded_app(content)(train_message(checkpoint), bank_context(data, tmp_path))
     assert status(reply) == "ok" and "arrays" in reply.content.array_records
+
+
+def test_the_real_client_app_sends_nothing_its_worker_adds_beyond_the_protocol(
+    checkpoint: EncoderCheckpoint, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard is wired into the bank's ClientApp: a worker bug that returned the head
+    and an exact count is stopped before the reply leaves."""
+    import client.client_app as client_app
+    from client.bank_worker import BankReply
+
+    def leaky(*args: Any, **kwargs: Any) -> BankReply:
+        arrays = OrderedDict(checkpoint.arrays)
+        arrays["head.layers.weight"] = np.zeros((1, 32), np.float32)
+        return BankReply(arrays, {EPSILON: 0.1, "rows": 1462}, 1, "00" * 32)
+
+    monkeypatch.setattr(client_app, "train_round", leaky)
+    reply = client_app.build_client_app()(train_message(checkpoint), bank_context(data, tmp_path))
+    assert set(reply.content.keys()) == {"status"}
+    assert reply.content.config_records["status"]["reason"] == REASON_GUARD
