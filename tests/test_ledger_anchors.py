@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from common.audit import audit_path
 from common.config import FederationConfig
+from common.errors import LedgerError
 from common.ledger import PrivacyLedger
 from common.ledger_anchors import ANCHORS_FILE, read_anchors
 from server.federation import _set_weights
@@ -187,3 +188,18 @@ def test_anchors_recorded_from_replies_catch_a_ledger_truncated_afterwards(tmp_p
         f"truncated: the server holds entry 3 (hash {head[:12]}…) from the round 3 train "
         "reply (node 1), but the ledger ends at entry 2"
     ]
+
+
+def test_an_anchors_file_cut_mid_line_keeps_its_whole_lines_and_a_bad_line_is_an_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / ANCHORS_FILE
+    line = {"bank": "b", "node_id": 1, "kind": "train", "server_round": 1, "seq": 1, "head": "ab"}
+    path.write_text(json.dumps(line) + "\n" + json.dumps(line)[:20])  # the server died mid-write
+    assert [a.seq for a in read_anchors(path)] == [1]
+    path.write_text(json.dumps(line) + "\n" + json.dumps({**line, "seq": "two"}) + "\n")
+    with pytest.raises(LedgerError, match="line 2 is not a ledger anchor"):
+        read_anchors(path)
+    (tmp_path / "server").mkdir()
+    with pytest.raises(LedgerError, match=r"no ledger-anchors\.jsonl here or below"):
+        read_anchors(tmp_path / "server")
