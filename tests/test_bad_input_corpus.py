@@ -7,6 +7,7 @@ every file that existed before must be byte-for-byte the same.
 """
 
 import hashlib
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from client.bank_settings import BankSettings
 from client.bank_worker import train_round
 from common.checkpoint import load_encoder_checkpoint
 from common.config import PrivacyPolicy, TrainPlanConfig
+from common.ledger import PrivacyLedger
 from common.protocol import RoundInstructions
 from common.synthetic import generate_credit_data
 from simulations.cli import main
@@ -148,8 +150,12 @@ def _schema_from_another_encoder(ws: Workspace) -> Path:
 
 
 def _broken_ledger(ws: Workspace) -> Path:
+    """Claim fewer DP steps in the first entry: well-formed JSON, caught only by its hash."""
     ledger = ws.state / "ledger.jsonl"
-    ledger.write_text(ledger.read_text().replace('"steps":', '"steps": 1, "x":', 1))
+    text = ledger.read_text()
+    altered = re.sub(r'"steps":(\d+)', lambda m: f'"steps":{int(m.group(1)) - 1}', text, count=1)
+    assert altered != text
+    ledger.write_text(altered)
     return ws.state
 
 
@@ -344,7 +350,6 @@ BANK_CASES: dict[str, Callable[[Workspace], tuple[Path, Path]]] = {
         ws.state,
     ),
     "label all one class": lambda ws: (_data_with(ws, lambda f: f.assign(Class="good")), ws.state),
-    "fewer rows than a batch": lambda ws: (_data_with(ws, lambda f: f.head(20)), ws.state),
     "strings in numeric column": lambda ws: (
         _data_with(ws, lambda f: f.astype({"int_rate": object}).assign(int_rate="high")),
         ws.state,
@@ -367,13 +372,24 @@ def _server() -> Iterator[None]:
 
 @pytest.mark.parametrize("kind", sorted(BANK_CASES))
 def test_client_app_bad_input_is_a_declined_round(
-    kind: str, workspace: Workspace, _server: None
+    kind: str, workspace: Workspace, _server: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     checkpoint = load_encoder_checkpoint(workspace.encoder)
     data, state = BANK_CASES[kind](workspace)
     before = _snapshot(workspace.root)
+    ledger_path = workspace.state / "ledger.jsonl"
+    ledger_before = ledger_path.read_bytes() if ledger_path.exists() else b""
+    ledger_entries = ledger_before.count(b"\n")
     reply = send(train_message(checkpoint), bank_context(data, state))
     assert status(reply) == "declined"
     assert "arrays" not in reply.content.array_records
     after = _snapshot(workspace.root)
-    assert {k: after.get(k) for k in before} == before, "stored files changed"
+    ledger = "state/ledger.jsonl"
+    unchanged = {k: after.get(k) for k in before if k != ledger}
+    assert unchanged == {k: v for k, v in before.items() if k != ledger}, "stored files changed"
+    if ledger in before:  # a decline may be recorded: appended, never rewritten
+        assert (workspace.root / ledger).read_bytes().startswith(ledger_before)
+        declines = PrivacyLedger(workspace.state).check().entries[ledger_entries:]
+        assert all(e["kind"] == "declined" and not e["dp_events"] for e in declines)
+    if kind == "altered ledger":  # refused by the hash check, not by a parse error
+        assert "altered (hash mismatch)" in caplog.text

@@ -34,6 +34,14 @@ def _simulate(out: Path) -> list[str]:
     ]
 
 
+def _a_bank_released(out: Path, server_round: int) -> bool:
+    for ledger in out.glob("banks/*/state/ledger.jsonl"):
+        for line in ledger.read_text().splitlines():
+            if '"kind":"train"' in line and f'"server_round":{server_round},' in line:
+                return True
+    return False
+
+
 def _completed(out: Path) -> int:
     path = out / "rounds.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -45,9 +53,10 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out, env = tmp / "run", flower_env(tmp / "flwr-home")
     with started(_simulate(out), env, tmp / "first.log") as first:
         deadline = time.monotonic() + 240
-        while _completed(out) < 1 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # into round 2: some banks may already have trained it
+        # Kill the server as soon as one bank has released round 2: that bank must replay.
+        while not _a_bank_released(out, 2) and first.poll() is None:
+            assert time.monotonic() < deadline, (tmp / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
         assert first.poll() is None, (tmp / "first.log").read_text()[-3000:]
     # `started` has killed the whole process tree: the server died mid-run.
     assert 1 <= _completed(out) < ROUNDS
@@ -66,13 +75,16 @@ def test_the_resumed_run_has_exactly_the_planned_rounds(resumed_run: Path) -> No
 
 def test_no_bank_is_charged_twice_for_the_same_round(resumed_run: Path) -> None:
     federation = json.loads((resumed_run / "server-state.json").read_text())["federation_id"]
+    replays: list[dict[str, object]] = []
     for state in sorted(resumed_run.glob("banks/*/state")):
         entries = [
             e for e in PrivacyLedger(state).entries() if e.get("federation_id") == federation
         ]
-        charged = Counter(e["server_round"] for e in entries if e["kind"] == "train")
+        charged = Counter(e["server_round"] for e in entries if e["kind"] == "charge")
+        released = Counter(e["server_round"] for e in entries if e["kind"] == "train")
         assert set(charged) == set(range(1, ROUNDS + 1)), charged
-        assert max(charged.values()) == 1
+        assert max(charged.values()) == 1 and released == charged
+        replays += [e for e in entries if e["kind"] == "train-replay"]
         for replay in (e for e in entries if e["kind"] == "train-replay"):
             assert replay["dp_events"] == []
             original = next(
@@ -81,6 +93,7 @@ def test_no_bank_is_charged_twice_for_the_same_round(resumed_run: Path) -> None:
                 if e["kind"] == "train" and e["server_round"] == replay["server_round"]
             )
             assert replay["arrays_sha256"] == original["arrays_sha256"]
+    assert replays, "the server was killed after a bank released round 2: it must replay"
 
 
 def test_a_finished_federation_in_the_same_dir_is_followed_by_a_new_one(
