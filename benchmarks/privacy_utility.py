@@ -344,7 +344,8 @@ def gradient_signal_to_noise(
     head = load_source_head(encoder_dir)
     if head is not None:
         model.head.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in head.items()})
-    train, _ = load_bank_data(data_dir, start.schema, 0.25, args.seeds[0])
+    # A train/test directory: the split key is not used (it splits single files only).
+    train, _ = load_bank_data(data_dir, start.schema, 0.25, split_key=bytes(32))
     parameters = [p for p in model.parameters() if p.requires_grad]
     loss_fn = torch.nn.BCEWithLogitsLoss()
     clipped_sum = [torch.zeros_like(p) for p in parameters]
