@@ -3,9 +3,11 @@
 # docs/deployment.md, in order. The coordinator runs a SuperLink that listens on 127.0.0.1
 # only (TLS, SuperNode authentication, a durable database, process isolation), an
 # authenticated executor for the ServerApp, and one public door: nginx, forwarding only
-# Fleet API calls. Three banks each run a SuperNode with their own key, data and state,
-# connecting through the door; the coordinator launches two rounds over its loopback
-# Control API and each bank audits its own ledger.
+# Fleet API calls. It builds the app bundle (FAB) the banks approve. Each of three banks
+# runs a SuperNode that executes nothing (--isolation process, its own key, connecting
+# through the door) and its own `fedfin bank-runner`, which answers the SuperNode's tasks
+# with the bank's installed fedfin, only for the approved bundle (docs/bank-runner.md).
+# The coordinator launches the run over its loopback Control API; each bank audits its ledger.
 #
 # Usage: bash scripts/deployment_demo.sh WORK_DIR [BASE_PORT] [--hold]
 #   ports: BASE_PORT SuperLink (loopback), +1 the door, +2.. each bank's SuperNode
@@ -60,10 +62,14 @@ fedfin certs --out "$work/certs" --host localhost --host 127.0.0.1
 fedfin exec-secret --out "$work/coordinator/exec.secret"
 fedfin pretrain --data lending-club --out "$work/encoder" --quiet
 
-# --- Each bank: its SuperNode key pair (and, for this demo, its data) ---------------
+# --- Each bank: its SuperNode key pair, kept in the SuperNode's own directory --------
+# (and, for this demo, its data). The public key goes to the coordinator.
 fedfin split --data lending-club --banks "${#banks[@]}" --out "$work/bank-data"
+mkdir -p "$work/coordinator/keys"
 for bank in "${banks[@]}"; do
-    fedfin keys --out "$work/keys" --name "$bank"
+    mkdir -p -m 700 "$work/banks/$bank/node" "$work/banks/$bank/runner"
+    fedfin keys --out "$work/banks/$bank/node" --name "$bank"
+    cp "$work/banks/$bank/node/$bank.pub" "$work/coordinator/keys/"
 done
 
 # --- Coordinator: SuperLink on loopback: TLS, SuperNode auth, a durable database -----
@@ -107,47 +113,87 @@ TOML
 # --- Coordinator: register each bank's public key; keep its node ID to revoke it ------
 mkdir -p "$work/coordinator/nodes"
 for bank in "${banks[@]}"; do
-    flwr supernode register "$work/keys/$bank.pub" fedfin --format json \
+    flwr supernode register "$work/coordinator/keys/$bank.pub" fedfin --format json \
         | python -c 'import json,sys; print(json.load(sys.stdin)["node-id"])' \
         >"$work/coordinator/nodes/$bank"
     echo "registered $bank as node $(cat "$work/coordinator/nodes/$bank")"
 done
 
-# --- Each bank: check the door, then start its SuperNode ----------------------------
+# --- Coordinator: the release banks approve: a fixed copy of the app and its bundle ---
+# `flwr run` bundles the app directory it is given; running from this copy guarantees the
+# banks' approved hash matches what is shipped, whatever happens to the checkout meanwhile.
+release="$work/coordinator/fedfin-app"
+mkdir -p "$release"
+cp -R "$root/pyproject.toml" "$root/README.md" "$root/common" "$root/server" "$root/client" "$release/"
+find "$release" -name __pycache__ -prune -exec rm -rf {} +
+(cd "$work/coordinator" && flwr build --app "$release")
+fab="$(ls "$work/coordinator"/fedfin.fedfin.*.fab)"
+
+# --- Each bank: approve the bundle, then start its SuperNode and its runner ----------
 i=1
 for bank in "${banks[@]}"; do
     i=$((i + 1))
+    node="$work/banks/$bank/node" runner="$work/banks/$bank/runner"
     fedfin check-connection --superlink "$door_host:$door_port" \
         --root-certificates "$work/certs/ca.crt"
+    # One secret, two copies: only the runner can claim this SuperNode's tasks.
+    fedfin exec-secret --out "$node/exec.secret"
+    (umask 077 && cp "$node/exec.secret" "$runner/exec.secret")
+    (
+        umask 077
+        {
+            echo "[runner]"
+            echo "runtime-api = \"127.0.0.1:$((port + i))\""
+            echo "superexec-auth-secret-file = \"exec.secret\""
+            echo
+            fedfin app-hash "$fab"   # the [[runner.allow]] entry for the approved bundle
+            echo
+            echo "[bank]"
+            echo "bank-name = \"$bank\""
+            echo "data-path = \"$work/bank-data/$bank\""
+            echo "state-dir = \"$work/state/$bank\""
+            echo "epsilon-budget = 1.0"
+            echo "delta = 1e-5"
+            echo "max-grad-norm = 1.0"
+            echo "min-noise-multiplier = 0.5"
+        } >"$runner/runner.toml"
+    )
     start "$work/supernode-$bank.log" flower-supernode \
         --superlink "$door_host:$door_port" \
         --root-certificates "$work/certs/ca.crt" \
-        --auth-supernode-private-key "$work/keys/$bank" \
+        --auth-supernode-private-key "$node/$bank" \
+        --isolation process \
         --port "$((port + i))" \
-        --node-config "bank-name='$bank' data-path='$work/bank-data/$bank' state-dir='$work/state/$bank' epsilon-budget=1.0 delta=1e-5 max-grad-norm=1.0 min-noise-multiplier=0.5"
+        --superexec-auth-secret-file "$node/exec.secret"
+    start "$work/runner-$bank.log" fedfin bank-runner --config "$runner/runner.toml"
 done
 for _ in $(seq 60); do
     [ "$(flwr supernode list fedfin --format json 2>/dev/null | grep -c '"online"')" -ge "${#banks[@]}" ] && break
     sleep 1
 done
 
-# --- Coordinator: launch the run from the fedfin project and follow it ---------------
-cd "$root"
-flwr run . fedfin --run-config "encoder-dir='$work/encoder' out-dir='$work/server' num-server-rounds=${ROUNDS:-2}"
+# --- Coordinator: launch the run from the approved release and follow it -------------
+flwr run "$release" fedfin --run-config "encoder-dir='$work/encoder' out-dir='$work/server' num-server-rounds=${ROUNDS:-2}"
 status=""
 for _ in $(seq 600); do
     status="$(flwr ls fedfin --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')"
     case "$status" in finished:*) break ;; esac
-    sleep 2
+    sleep 1
 done
 flwr ls fedfin --format json >"$work/runs.json"
 run_id="$(python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["run-id"])' <"$work/runs.json")"
 flwr log "$run_id" fedfin --show >"$work/serverapp.log" 2>&1 || true
 echo "run $run_id status: $status"
 
-# --- Each bank: audit its own ledger --------------------------------------------------
+# --- Each bank: audit its own ledger (at the same time, as separate banks would) ------
+audits=()
 for bank in "${banks[@]}"; do
-    fedfin audit "$work/state/$bank" --json "$work/audit-$bank.json"
+    fedfin audit "$work/state/$bank" --json "$work/audit-$bank.json" >"$work/audit-$bank.txt" 2>&1 &
+    audits+=("$!")
+done
+for i in "${!banks[@]}"; do
+    wait "${audits[$i]}" || { cat "$work/audit-${banks[$i]}.txt"; exit 1; }
+    cat "$work/audit-${banks[$i]}.txt"
 done
 [ "$status" = "finished:completed" ]
 

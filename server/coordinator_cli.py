@@ -1,6 +1,7 @@
 """Coordinator commands: the nginx door's config and the ServerApp executor's secret.
 
-They live with the server role; `fedfin` only dispatches (see simulations/cli.py).
+They live with the server role; `fedfin` only dispatches (see simulations/cli.py). Banks
+use `exec-secret` too, for the secret their SuperNode and runner share.
 """
 
 import argparse
@@ -45,7 +46,10 @@ def write_exec_secret(out: Path) -> Path:
 
 def _run_exec_secret(args: argparse.Namespace) -> int:
     out = write_exec_secret(args.out)
-    print(f"SuperExec secret: {out} (mode 600); give it to flower-superlink and flower-superexec")
+    print(
+        f"SuperExec secret: {out} (mode 600): give the same bytes to both ends' "
+        "--superexec-auth-secret-file (SuperLink and executor, or SuperNode and runner)"
+    )
     return 0
 
 
@@ -86,11 +90,12 @@ def add_coordinator_commands(commands: "argparse._SubParsersAction[Any]") -> Non
 
     secret = commands.add_parser(
         "exec-secret",
-        help="coordinator: a random secret that authenticates the ServerApp's executor",
+        help="a random secret that authenticates an executor (ServerApp's, or a bank's runner)",
         description=(
-            "Write 32 random bytes (mode 600) for --superexec-auth-secret-file of "
-            "flower-superlink --isolation process and of flower-superexec: without it, "
-            "anyone who reaches the Runtime API could claim the ServerApp's task."
+            "Write 32 random bytes (mode 600) for --superexec-auth-secret-file: on the "
+            "coordinator, of flower-superlink --isolation process and flower-superexec; in a "
+            "bank, of flower-supernode --isolation process and the runner's config. Without "
+            "it, anyone who reaches the runtime API could claim the task."
         ),
     )
     secret.add_argument("--out", type=Path, required=True, help="the secret file to create")

@@ -30,7 +30,7 @@ from common.errors import ConfigError
 from common.ledger import PrivacyLedger
 from server.certificates import create_certificates
 from server.proxy_config import FLEET_PATHS, proxy_config_for, render_nginx_config
-from tests.harness.processes import descendants, flower_env, started
+from tests.harness.processes import descendants, flower_env, started, stop
 from tests.harness.sockets import listening_addresses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +82,10 @@ class Deployment:
     @property
     def ca(self) -> Path:
         return self.work / "certs" / "ca.crt"
+
+    def node_dir(self, bank: str) -> Path:
+        """The bank's SuperNode directory: its private key and its copy of the exec secret."""
+        return self.work / "banks" / bank / "node"
 
     def pid(self, name: str) -> int:
         """The PID the demo recorded for the process it named `name` (its log's stem)."""
@@ -136,6 +140,36 @@ def _flwr(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.Co
     return subprocess.run(
         ["flwr", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _flwr_at_once(
+    env: dict[str, str], attempts: dict[str, list[str]], timeout: float = 120
+) -> dict[str, tuple[int | None, str]]:
+    """Run several `flwr` commands at the same time: name -> (exit code, output)."""
+    processes = {
+        name: subprocess.Popen(
+            ["flwr", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for name, args in attempts.items()
+    }
+    results: dict[str, tuple[int | None, str]] = {}
+    try:
+        for name, process in processes.items():
+            try:
+                output, _ = process.communicate(timeout=timeout)
+                results[name] = (process.returncode, output.decode(errors="replace"))
+            except subprocess.TimeoutExpired:
+                results[name] = (None, "timed out")
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                stop(process)
+    return results
 
 
 def _flwr_json(env: dict[str, str], *args: str) -> dict[str, Any]:
@@ -271,6 +305,19 @@ def test_only_the_door_listens_for_banks_everything_else_on_loopback(
     assert listening("door") == {("127.0.0.1", deployment.base_port + 1)}
     for offset, bank in enumerate(BANKS, start=2):
         assert listening(f"supernode-{bank}") == {("127.0.0.1", deployment.base_port + offset)}
+        assert listening(f"runner-{bank}") == set()
+
+
+def test_each_banks_keys_secrets_and_runner_config_are_private(deployment: Deployment) -> None:
+    """The SuperNode's key and secret, the runner's config and secret: mode 600 in 700 dirs."""
+    deployment.require_ready()
+    for bank in BANKS:
+        node, runner = deployment.node_dir(bank), deployment.work / "banks" / bank / "runner"
+        for directory in (node, runner):
+            assert directory.stat().st_mode & 0o777 == 0o700, directory
+        for private in (node / bank, node / "exec.secret", runner / "exec.secret"):
+            assert private.stat().st_mode & 0o777 == 0o600, private
+        assert (runner / "runner.toml").stat().st_mode & 0o777 == 0o600
 
 
 # --- What an outsider with ca.crt and the door's address cannot do -------------------------
@@ -298,10 +345,9 @@ def test_the_public_door_refuses_the_control_api(
         "supernode list": ["supernode", "list", "door"],
         "run": ["run", ".", "door"],
     }
-    for name, args in attempts.items():
-        result = _flwr(outsider, *args)
-        assert result.returncode != 0, f"flwr {name} through the door: {result.stdout}"
-        assert "404" in result.stdout + result.stderr, f"flwr {name}: {result.stdout}"
+    for name, (code, output) in _flwr_at_once(outsider, attempts).items():
+        assert code not in (None, 0), f"flwr {name} through the door: {output}"
+        assert "404 Not Found" in output, f"flwr {name}: {output}"
 
     assert _nodes(deployment) == before  # the intruder's key was not registered
     assert _runs(deployment)[run_id] == "finished:completed"  # and nothing was started
@@ -374,7 +420,7 @@ def test_strangers_are_kept_out(deployment: Deployment, tmp_path: Path) -> None:
         started(
             _supernode(
                 deployment,
-                deployment.work / "keys" / "bank-00",
+                deployment.node_dir("bank-00") / "bank-00",
                 deployment.base_port + 6,
                 with_ca=False,
             ),
@@ -436,7 +482,7 @@ def test_a_rotated_key_joins_and_the_revoked_key_is_refused(
 ) -> None:
     """bank-02 rotates: register the new key, start with it, unregister the old node."""
     deployment.require_ready()
-    keys = deployment.work / "keys"
+    keys = deployment.node_dir("bank-02")
     subprocess.run(
         [*FEDFIN, "keys", "--out", str(keys), "--name", "bank-02-next"],
         check=True,
@@ -507,13 +553,18 @@ def test_only_the_executor_with_the_secret_can_claim_the_serverapp_task(
         "--root-certificates",
         str(deployment.ca),
     ]
-    for name, extra in (
-        ("no-secret", []),
-        ("wrong-secret", ["--superexec-auth-secret-file", str(tmp_path / "wrong.secret")]),
+    wrong_secret = ["--superexec-auth-secret-file", str(tmp_path / "wrong.secret")]
+    no_secret_log, wrong_secret_log = tmp_path / "no-secret.log", tmp_path / "wrong-secret.log"
+    with (
+        started(rogue, deployment.env, no_secret_log) as no_secret,
+        started([*rogue, *wrong_secret], deployment.env, wrong_secret_log) as with_wrong_secret,
     ):
-        code = _run_to_exit([*rogue, *extra], deployment.env, tmp_path / f"{name}.log", 60)
-        assert code is not None, f"{name} kept polling instead of being refused"
-        assert _runs(deployment)[pending[0]] == "pending", name
+        for process, log in ((no_secret, no_secret_log), (with_wrong_secret, wrong_secret_log)):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"a rogue executor kept polling: {log.read_text()[-2000:]}")
+    assert _runs(deployment)[pending[0]] == "pending"
     refusals = (
         (deployment.work / "superlink.log").read_text().count("SuperExec authentication failed")
     )
