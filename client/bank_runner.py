@@ -43,7 +43,9 @@ class TaskOutcome:
     accepted: bool
     message_type: str
     status: str  # the reply's status: "ok", "declined", or "error" (no reply could be made)
-    seconds: float
+    seconds: float  # claim to finish
+    pull_seconds: float = 0.0  # the task's input over the runtime API
+    app_seconds: float = 0.0  # inside the bank's ClientApp
 
 
 def declined_reply(message: Message, reason: str) -> Message:
@@ -107,11 +109,15 @@ class BankRunner:
         try:
             with task:
                 work = task.pull()
+                pull_seconds = time.monotonic() - started
                 app = fab_identity(work.fab)
                 accepted = self.config.allows(app)
+                app_started = time.monotonic()
                 if accepted:
                     reply = self._answer(work.message, work.context)
+                    app_seconds = time.monotonic() - app_started
                 else:
+                    app_seconds = 0.0
                     reply = declined_reply(work.message, REASON_NOT_ALLOWED)
                 task.reply(reply, keep_context=accepted)
         except RuntimeApiError as exc:
@@ -125,6 +131,8 @@ class BankRunner:
             message_type=work.message.metadata.message_type,
             status=reply_status(reply),
             seconds=time.monotonic() - started,
+            pull_seconds=pull_seconds,
+            app_seconds=app_seconds,
         )
         _log_outcome(outcome)
         return outcome
@@ -148,13 +156,16 @@ def _log_outcome(outcome: TaskOutcome) -> None:
     name = f"{app.app or '?'} {app.version or '?'} (fab sha256 {app.fab_sha256[:12]})"
     if outcome.accepted:
         log.info(
-            "run %s task %s: app %s accepted; %s -> %s in %.2f s",
+            "run %s task %s: app %s accepted; %s -> %s in %.2f s (%.2f s in the ClientApp, "
+            "%.2f s pulling the input)",
             outcome.run_id,
             outcome.task_id,
             name,
             outcome.message_type,
             outcome.status,
             outcome.seconds,
+            outcome.app_seconds,
+            outcome.pull_seconds,
         )
     else:
         log.warning(

@@ -27,10 +27,22 @@ import httpx
 from flwr.app import Context, Message
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import (
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.proto.task_pb2 import Task
 from flwr.supercore.auth import load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -38,11 +50,7 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
-)
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from common.errors import ConfigError, FedfinError
 
@@ -54,6 +62,12 @@ ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"  # what SuperExec auth s
 # A claimed task whose token sees no heartbeat for 2 x 30 s is expired by the SuperNode
 # (flwr/supercore/corestate/in_memory_corestate.py); beat well inside that.
 HEARTBEAT_SECONDS = 10.0
+# The SuperNode creates a task before it has pulled the message's objects from the SuperLink,
+# so a prompt runner often asks for an object that is not there yet. Flower waits 1 s, then
+# up to 10 s (PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP in flwr/supercore/constant.py); on
+# loopback the object is there within milliseconds.
+PULL_BACKOFF_SECONDS = 0.02
+PULL_BACKOFF_CAP_SECONDS = 0.5
 
 
 class RuntimeApiError(FedfinError):
@@ -231,8 +245,6 @@ class ClaimedTask:
         self._client.close()
 
     def _beat(self) -> None:
-        from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
-
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self._client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
@@ -242,11 +254,36 @@ class ClaimedTask:
     def pull(self) -> TaskInput:
         """The message to answer, the run's context (node config, run config, state), the FAB."""
         try:
-            message, context, run, fab = pull_task_input(self._client)
+            message, context, run_id, fab = self._pull()
         except (httpx.HTTPError, RuntimeError, ValueError) as exc:
             raise RuntimeApiError(f"task {self.task_id}: cannot pull its input ({exc})") from None
         self._input = context
-        return TaskInput(self.task_id, int(run.run_id), message, context, fab.content)
+        return TaskInput(self.task_id, run_id, message, context, fab)
+
+    def _pull(self) -> tuple[Message, Context, int, bytes]:
+        """As flwr/supernode/runtime/run_clientapp.py `pull_task_input`, with a short backoff."""
+        task_input = self._client.PullTaskInput(PullTaskInputRequest())
+        context = context_from_proto(task_input.context)
+        run = run_from_proto(task_input.run)
+        fab = fab_from_proto(task_input.fab)
+        pulled = self._client.PullMessages(PullAppMessagesRequest())
+        if not pulled.messages_list:
+            raise RuntimeError("the SuperNode has no message for this task")
+        node = Node(node_id=context.node_id)
+        tree = pulled.message_object_trees[0]
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(self._client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(
+                self._client.ConfirmMessageReceived, node, context.run_id
+            ),
+            return_type=Message,
+            initial_backoff=PULL_BACKOFF_SECONDS,
+            backoff_cap=PULL_BACKOFF_CAP_SECONDS,
+        )
+        # The deflated message does not carry its own id (its object id); Flower sets it so.
+        message.metadata.__dict__["_message_id"] = tree.object_id
+        return message, context, int(run.run_id), fab.content
 
     def reply(self, message: Message, keep_context: bool) -> None:
         """Push the one reply. With `keep_context` the task's context (whose state the

@@ -51,7 +51,7 @@ _BANK_KEYS = frozenset(
     | {f.name.replace("_", "-") for f in fields(PrivacyPolicy)}
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-DEFAULT_POLL_SECONDS = 0.1
+DEFAULT_POLL_SECONDS = 0.2
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,13 @@ def test_app_hash_of_a_project_is_the_hash_of_what_flwr_run_ships(tmp_path: Path
 def test_the_flower_internals_the_runner_uses_are_the_tested_ones() -> None:
     """Fails loudly when a Flower upgrade moves what client/clientappio.py relies on."""
     import flwr
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse
+    from flwr.proto.runtime_pb2 import (
+        AcquireTaskRequest,
+        AcquireTaskResponse,
+        PullAppMessagesResponse,
+        PullTaskInputResponse,
+    )
+    from flwr.supercore.inflatable import inflatable_protobuf_utils, inflatable_utils
     from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.superexec import run_superexec
@@ -212,7 +218,20 @@ def test_the_flower_internals_the_runner_uses_are_the_tested_ones() -> None:
     assert "supported_task_types" in AcquireTaskRequest.DESCRIPTOR.fields_by_name
     assert {"task", "token"} <= set(AcquireTaskResponse.DESCRIPTOR.fields_by_name)
     assert frozenset({ACQUIRE_TASK_METHOD}) == run_superexec._SUPEREXEC_AUTH_METHODS
-    assert list(inspect.signature(run_clientapp.pull_task_input).parameters) == ["client"]
+    assert {"context", "run", "fab", "task_id"} <= set(
+        PullTaskInputResponse.DESCRIPTOR.fields_by_name
+    )
+    assert {"messages_list", "message_object_trees"} <= set(
+        PullAppMessagesResponse.DESCRIPTOR.fields_by_name
+    )
+    pull = inspect.signature(inflatable_utils.pull_and_inflate_object_from_tree).parameters
+    assert list(pull)[:3] == ["object_tree", "pull_object_fn", "confirm_object_received_fn"]
+    assert {"return_type", "initial_backoff", "backoff_cap"} <= set(pull)
+    for factory in (
+        inflatable_protobuf_utils.make_pull_object_fn_protobuf,
+        inflatable_protobuf_utils.make_confirm_message_received_fn_protobuf,
+    ):
+        assert len(inspect.signature(factory).parameters) == 3, factory
     assert list(inspect.signature(run_clientapp.push_message).parameters) == [
         "client",
         "message",
@@ -413,9 +432,8 @@ def test_the_runner_reconnects_when_the_supernode_restarts(deployment: Deploymen
     )
     wait_for(lambda: runner_says(deployment, "connected to the SuperNode", 2), 60, "reconnect")
     refusals = deployment.runner_log.read_text().count("REFUSED")
-    run_id = start_run(deployment.evil_app, "", deployment.env)
-    assert wait_for_run(run_id, deployment.env, 150) == "finished:completed"
-    assert runner_says(deployment, "REFUSED", refusals + 1)
+    start_run(deployment.evil_app, "", deployment.env)  # its end waits on the old, dead node
+    wait_for(lambda: runner_says(deployment, "REFUSED", refusals + 1), 90, "the next task")
     assert not deployment.marker.exists()
 
 

@@ -1,0 +1,243 @@
+"""Seconds per deployed round when each bank's tasks go to its warm `fedfin bank-runner`.
+
+A SuperLink and, per bank, a SuperNode in `--isolation process` plus the bank's runner
+(torch and Opacus imported once, at start), all on loopback; the fedfin app runs R rounds
+(train + evaluate each) over the 3 built-in Lending Club banks. The round times are the
+ServerApp's own (`rounds.jsonl`); the runners' logs give the time each task spent inside
+the bank, so the rest of a round is Flower's polling and transport.
+The earlier figures (a fresh ClientApp process per message) are in round_latency.md.
+Usage: python -m benchmarks.round_latency_runner [--rounds 4]
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from tests.harness.bank_runner_deployment import (
+    FEDFIN,
+    ROOT,
+    app_hash,
+    deployment_env,
+    free_port_block,
+    online_nodes,
+    runner_config_text,
+    snapshot_fedfin_app,
+    start_run,
+    superlink_command,
+    supernode_command,
+    wait_for,
+    wait_for_run,
+    write_connection,
+    write_private,
+)
+from tests.harness.processes import started
+
+RESULTS = ROOT / "benchmarks" / "results"
+BANKS = ("bank-00", "bank-01", "bank-02")
+TASK_LINE = re.compile(
+    r"accepted; (train|evaluate) -> (\w+) in ([0-9.]+) s \(([0-9.]+) s in the ClientApp"
+)
+# Flower's fixed waits that remain in every phase of a round (flwr 1.42.0, site-packages/flwr):
+FLOWER_POLLS = [
+    "supernode/start_client_internal.py:263: an idle SuperNode asks the SuperLink for "
+    "messages every 3 s (time.sleep(3))",
+    "superlink/grid/http_grid.py:412: the ServerApp's grid asks for replies every 3 s "
+    "(time.sleep(3) in send_and_receive)",
+    "supernode/start_client_internal.py:470: the SuperNode looks for the runner's reply "
+    "every 0.5 s (time.sleep(0.5) in _push_messages)",
+]
+
+
+def run_benchmark(work: Path, rounds: int, poll_interval: float) -> dict[str, object]:
+    env = deployment_env(work / "flwr-home")
+    subprocess.run(
+        [*FEDFIN, "pretrain", "--data", "lending-club", "--out", str(work / "encoder"), "--quiet"],
+        check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    subprocess.run(
+        [*FEDFIN, "split", "--data", "lending-club", "--banks", str(len(BANKS)), "--out",
+         str(work / "bank-data")],
+        check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    app = snapshot_fedfin_app(work / "fedfin-app")
+    allowed = app_hash(app, env)
+    base = free_port_block(3 + len(BANKS))
+    write_connection(work / "flwr-home", base)
+    with ExitStack() as stack:
+        stack.enter_context(started(superlink_command(base), env, work / "superlink.log"))
+        for i, bank in enumerate(BANKS):
+            runtime_port = base + 3 + i
+            secret = write_private(work / bank / "exec.secret", os.urandom(32))
+            settings = {
+                "bank-name": bank,
+                "data-path": str(work / "bank-data" / bank),
+                "state-dir": str(work / bank / "state"),
+                "epsilon-budget": 1.0,
+                "delta": 1e-5,
+                "max-grad-norm": 1.0,
+                "min-noise-multiplier": 0.5,
+            }
+            config = write_private(
+                work / bank / "runner.toml",
+                runner_config_text(runtime_port, secret, [allowed], settings, poll_interval),
+            )
+            stack.enter_context(
+                started(supernode_command(base, runtime_port, secret), env,
+                        work / f"supernode-{bank}.log")
+            )  # fmt: skip
+            stack.enter_context(
+                started([*FEDFIN, "bank-runner", "--config", str(config)], env,
+                        work / f"runner-{bank}.log", ROOT)
+            )  # fmt: skip
+        wait_for(lambda: online_nodes(env) == len(BANKS), 120, "the banks' SuperNodes")
+        wait_for(
+            lambda: all(
+                "connected to the SuperNode" in (work / f"runner-{b}.log").read_text()
+                for b in BANKS
+            ),
+            120,
+            "the runners",
+        )
+        run_config = (
+            f"encoder-dir='{work / 'encoder'}' out-dir='{work / 'server'}' "
+            f"num-server-rounds={rounds} min-banks={len(BANKS)}"
+        )
+        started_at = time.perf_counter()
+        run_id = start_run(app, run_config, env)
+        status = wait_for_run(run_id, env, 900)
+        run_seconds = time.perf_counter() - started_at
+    if status != "finished:completed":
+        raise RuntimeError(f"run {run_id} ended {status}; logs in {work}")
+    per_round = [
+        json.loads(line)["seconds"]
+        for line in (work / "server" / "rounds.jsonl").read_text().splitlines()
+    ]
+    tasks: dict[str, list[tuple[str, float, float]]] = {"train": [], "evaluate": []}
+    for bank in BANKS:
+        log = (work / f"runner-{bank}.log").read_text()
+        for kind, reply, seconds, app_seconds in TASK_LINE.findall(log):
+            if reply != "ok":
+                raise RuntimeError(f"{bank} answered a {kind} with {reply}; see {work}")
+            tasks[kind].append((bank, float(seconds), float(app_seconds)))
+    warm = per_round[1:] or per_round
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}",
+        "banks": len(BANKS),
+        "rounds": rounds,
+        "runner_poll_interval_seconds": poll_interval,
+        "seconds_per_round": per_round,
+        "median_round_seconds": round(statistics.median(per_round), 2),
+        "median_warm_round_seconds": round(statistics.median(warm), 2),
+        "first_round_seconds": per_round[0],
+        "run_seconds_from_flwr_run_to_finished": round(run_seconds, 1),
+        "runner_task_seconds": {kind: _task_figures(values) for kind, values in tasks.items()},
+        "flower_polls": FLOWER_POLLS,
+    }
+
+
+def _task_figures(values: list[tuple[str, float, float]]) -> dict[str, object]:
+    """First-round times per bank, then medians over later rounds: claim-to-finish and the
+    part spent inside the ClientApp (the rest is the runtime API's pulls and pushes)."""
+    first: list[tuple[str, float, float]] = []
+    later: list[tuple[str, float, float]] = []
+    seen: set[str] = set()
+    for value in values:  # in each bank's log order: its first task of a kind is round 1
+        (later if value[0] in seen else first).append(value)
+        seen.add(value[0])
+    return {
+        "first_round_total": [total for _, total, _ in first],
+        "first_round_in_clientapp": [app for _, _, app in first],
+        "median_later_total": round(statistics.median(t for _, t, _ in later), 2)
+        if later
+        else None,
+        "median_later_in_clientapp": round(statistics.median(a for _, _, a in later), 2)
+        if later
+        else None,
+    }
+
+
+def write_markdown(figures: dict[str, object], before: dict[str, object]) -> str:
+    tasks = figures["runner_task_seconds"]
+    assert isinstance(tasks, dict)
+    lines = [
+        "# Round latency with the warm bank runner (3 built-in banks, loopback)",
+        "",
+        f"Command: `python -m benchmarks.round_latency_runner --rounds {figures['rounds']}`; "
+        f"machine: {figures['machine']}, shared with other work while measured.",
+        "Deployment: SuperLink (insecure, loopback), per bank a SuperNode in "
+        "`--isolation process` with SuperExec auth and its `fedfin bank-runner`; a round is "
+        "a train phase and an evaluate phase over all 3 banks.",
+        "",
+        "| | before (a ClientApp process per message) | after (warm runner) |",
+        "|---|---|---|",
+        f"| seconds per round | {before.get('deployment_seconds_per_round', '?')} | "
+        f"{figures['seconds_per_round']} |",
+        f"| median round | {_median(before)} | {figures['median_round_seconds']} s |",
+        f"| median round after the first | - | {figures['median_warm_round_seconds']} s |",
+        "",
+        "Time inside each bank's runner per task (from its log), seconds:",
+        "",
+        "| task | first round (per bank) | median, later rounds |",
+        "|---|---|---|",
+    ]
+    for kind, values in tasks.items():
+        lines.append(f"| {kind} | {values['first']} | {values['median_after_first_round']} |")
+    lines += [
+        "",
+        "The first round also calibrates each bank's noise for the run (cached in its state "
+        "dir) and starts the ServerApp process. What remains of a later round beyond the "
+        "tasks is Flower's fixed polling (flwr 1.42.0, `site-packages/flwr/`):",
+        "",
+        *(f"- `{poll}`" for poll in figures["flower_polls"]),  # type: ignore[attr-defined]
+        "",
+        "Each phase (train, then evaluate) waits on average ~1.5 s for the SuperNode's pull, "
+        "~0.25 s for the reply check and ~1.5 s for the grid's pull: ~6.5 s of a round is "
+        "polling, which only a change in Flower (or patched constants) removes.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _median(before: dict[str, object]) -> str:
+    values = before.get("deployment_seconds_per_round")
+    if isinstance(values, list) and values:
+        return f"{statistics.median(values):.2f} s"
+    return "?"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--poll-interval", type=float, default=0.1)
+    parser.add_argument("--keep", type=Path, help="work directory to keep (default: a tmp dir)")
+    args = parser.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=False)
+        figures = run_benchmark(args.keep, args.rounds, args.poll_interval)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedfin-runner-latency-") as tmp:
+            figures = run_benchmark(Path(tmp), args.rounds, args.poll_interval)
+    before: dict[str, object] = {}
+    earlier = RESULTS / "round_latency.json"
+    if earlier.exists():
+        recorded = json.loads(earlier.read_text())
+        before = recorded.get("after", recorded) if isinstance(recorded, dict) else {}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "round_latency_runner.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (RESULTS / "round_latency_runner.md").write_text(write_markdown(figures, before))
+    print(json.dumps(figures, indent=2))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
