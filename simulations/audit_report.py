@@ -75,6 +75,11 @@ def audit_table(audits: list[BankAudit]) -> str:
     for a in audits:
         problems = [*a.chain_problems, *a.anchor_problems, *a.ledger_problems, *a.problems]
         lines += [f"{a.bank}: {problem}" for problem in problems]
+        if a.anchors_checked == 0:
+            lines.append(
+                f"{a.bank}: note: no anchor names this bank, so its ledger was not checked "
+                "against the server's record (did it reply under another name?)"
+            )
     return "\n".join(lines)
 
 

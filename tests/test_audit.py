@@ -175,6 +175,11 @@ def test_an_untouched_ledger_matches_the_servers_anchors(
     assert "anchors: 4 recorded replies" in result.stdout
     [audit] = audit_path(state, read_anchors(anchors))
     assert audit.ok and audit.anchors_checked == 4 and not audit.anchor_problems
+    elsewhere = anchors.read_text().replace(f'"{BANK}"', '"bank-99"')
+    anchors.write_text(elsewhere)
+    result = _audit(state, "--anchors", str(anchors))
+    assert result.returncode == 0 and "bank-00: note: no anchor names this bank" in result.stdout
+    assert "anchors also name banks with no ledger here (not audited): bank-99" in result.stdout
 
 
 def test_keeping_the_first_two_of_four_lines_is_flagged_by_the_anchors(
