@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from common.audit import audit_path
+from common.checkpoint import load_encoder_checkpoint
 from common.config import FederationConfig
 from common.errors import LedgerError
 from common.ledger import PrivacyLedger
@@ -18,7 +19,8 @@ from common.ledger_anchors import ANCHORS_FILE, read_anchors
 from server.federation import _set_weights
 from server.round_summary import RoundSummary, note_evaluate_reply, note_train_reply
 from server.strategy import WEIGHT_KEY, build_strategy
-from tests.harness.messages import server_identity
+from tests.conftest import Pretrained, write_bank_data
+from tests.harness.messages import bank_context, send, server_identity, train_message
 
 
 def _request(node: int, kind: str) -> Message:
@@ -50,6 +52,12 @@ def _error_reply(node: int, kind: str) -> Message:
 
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _entry_sha(ledger_line: str) -> str:
+    """The ledger's hash rule, written out here: sha256 of sorted compact JSON without `hash`."""
+    body = {k: v for k, v in json.loads(ledger_line).items() if k != "hash"}
+    return _sha(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
 
 def _anchor_lines(path: Path) -> list[dict[str, object]]:
@@ -173,8 +181,7 @@ def test_anchors_recorded_from_replies_catch_a_ledger_truncated_afterwards(tmp_p
                 "epsilon_cumulative": 5.0,
             }
         )
-        body = {k: v for k, v in entry.items() if k != "hash"}
-        head = _sha(json.dumps(body, sort_keys=True, separators=(",", ":")))
+        head = _entry_sha(json.dumps(entry))
         status = {"status": "ok", "bank": "bank-a", "ledger-seq": entry["seq"], "ledger-head": head}
         summary = RoundSummary(server_round, banks={}, aggregated=False, anchor_file=anchors)
         note_train_reply(summary, _reply(1, "train", status, {"epsilon": 5.0}))
@@ -203,3 +210,33 @@ def test_an_anchors_file_cut_mid_line_keeps_its_whole_lines_and_a_bad_line_is_an
     (tmp_path / "server").mkdir()
     with pytest.raises(LedgerError, match=r"no ledger-anchors\.jsonl here or below"):
         read_anchors(tmp_path / "server")
+
+
+def test_the_real_banks_replies_anchor_its_ledger_and_a_rollback_is_caught(
+    pretrained: Pretrained, tmp_path: Path
+) -> None:
+    """Real ClientApp replies -> the server's note_* -> anchors file -> audit, end to end."""
+    checkpoint = load_encoder_checkpoint(pretrained.checkpoint_dir)
+    state = tmp_path / "bank-test" / "state"
+    context = bank_context(write_bank_data(pretrained, 1, tmp_path / "data"), state)
+    anchors = tmp_path / "server" / ANCHORS_FILE
+    summary = RoundSummary(1, banks={}, aggregated=False, anchor_file=anchors)
+    with server_identity():
+        train = send(train_message(checkpoint), context)
+        evaluate = send(train_message(checkpoint, message_type="evaluate"), context)
+    assert note_train_reply(summary, train)
+    note_evaluate_reply(summary, evaluate)
+    ledger_lines = (state / "ledger.jsonl").read_text().splitlines()
+    heads = [_entry_sha(line) for line in ledger_lines]
+    recorded = _anchor_lines(anchors)
+    assert [(a["kind"], a["seq"], a["head"]) for a in recorded] == [
+        ("train", len(heads) - 1, heads[-2]),
+        ("evaluate", len(heads), heads[-1]),
+    ]
+    [clean] = audit_path(state, read_anchors(anchors))
+    assert clean.ok and clean.anchors_checked == 2
+    # The bank rolls its ledger back to before the release and the evaluation.
+    (state / "ledger.jsonl").write_text("".join(f"{line}\n" for line in ledger_lines[:-2]))
+    [rolled_back] = audit_path(state, read_anchors(anchors))
+    assert not rolled_back.chain_broken
+    assert [p.split(":")[0] for p in rolled_back.anchor_problems] == ["truncated", "truncated"]
