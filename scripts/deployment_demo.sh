@@ -178,7 +178,7 @@ status=""
 for _ in $(seq 600); do
     status="$(flwr ls fedfin --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')"
     case "$status" in finished:*) break ;; esac
-    sleep 1
+    sleep 3
 done
 flwr ls fedfin --format json >"$work/runs.json"
 run_id="$(python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["run-id"])' <"$work/runs.json")"
