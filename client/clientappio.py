@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import threading
+import time
 import tomllib
 import zipfile
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from flwr.proto.runtime_pb2 import (
 from flwr.proto.task_pb2 import Task
 from flwr.supercore.auth import load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
+from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
@@ -262,6 +264,7 @@ class ClaimedTask:
 
     def _pull(self) -> tuple[Message, Context, int, bytes]:
         """As flwr/supernode/runtime/run_clientapp.py `pull_task_input`, with a short backoff."""
+        started = time.monotonic()
         task_input = self._client.PullTaskInput(PullTaskInputRequest())
         context = context_from_proto(task_input.context)
         run = run_from_proto(task_input.run)
@@ -271,6 +274,7 @@ class ClaimedTask:
             raise RuntimeError("the SuperNode has no message for this task")
         node = Node(node_id=context.node_id)
         tree = pulled.message_object_trees[0]
+        listed = time.monotonic()
         message = pull_and_inflate_object_from_tree(
             tree,
             make_pull_object_fn_protobuf(self._client.PullObject, node, context.run_id),
@@ -283,6 +287,13 @@ class ClaimedTask:
         )
         # The deflated message does not carry its own id (its object id); Flower sets it so.
         message.metadata.__dict__["_message_id"] = tree.object_id
+        log.debug(
+            "task %s: input and message tree in %.2f s, %d objects in %.2f s",
+            self.task_id,
+            listed - started,
+            len(list(iterate_object_tree(tree))),
+            time.monotonic() - listed,
+        )
         return message, context, int(run.run_id), fab.content
 
     def reply(self, message: Message, keep_context: bool) -> None:

@@ -35,6 +35,8 @@ def _run_bank_runner(args: argparse.Namespace) -> int:
     secret = read_secret(config.secret_file) if config.secret_file else None
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per poll
+    if args.verbose:
+        log.setLevel(logging.DEBUG)
 
     stop = threading.Event()
 
@@ -99,6 +101,9 @@ def add_runner_commands(commands: "argparse._SubParsersAction[Any]") -> None:
     )
     runner.add_argument(
         "--config", type=Path, required=True, help="the runner's TOML config (mode 600)"
+    )
+    runner.add_argument(
+        "--verbose", action="store_true", help="also log where each task's time goes"
     )
     runner.set_defaults(run=_run_bank_runner)
 
