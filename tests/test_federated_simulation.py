@@ -80,7 +80,14 @@ def test_replies_carry_only_encoder_arrays_and_allowed_metadata(run: dict[str, A
         else:
             assert reply["records"] == ["metrics", "status"]
             assert set(reply["metric_records"]["metrics"]) <= ALLOWED_EVAL_METRICS
-        assert set(reply["config_records"]["status"]) <= {"status", "bank"}
+        # By default a bank sends ε and nothing else; its status anchors its ledger.
+        assert set(reply["metric_records"]["metrics"]) == {"epsilon"}
+        assert set(reply["config_records"]["status"]) == {
+            "status",
+            "bank",
+            "ledger-seq",
+            "ledger-head",
+        }
 
 
 def test_private_heads_stay_on_disk_and_never_appear_in_a_message(run: dict[str, Any]) -> None:
