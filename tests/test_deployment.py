@@ -2,9 +2,10 @@
 
 One deployment serves the whole module: scripts/deployment_demo.sh --hold starts a SuperLink
 on 127.0.0.1 (TLS, SuperNode auth, process isolation), an authenticated ServerApp executor,
-the nginx door and three banks, runs a federation and keeps it all running. The tests then
-check what a coordinator and the banks would check, and what an outsider who holds only
-`ca.crt` and the door's address can and cannot do.
+the nginx door, and three banks (a SuperNode that executes nothing plus the bank's own
+runner), runs a federation and keeps it all running. The tests then check what a
+coordinator and the banks would check, and what an outsider who holds only `ca.crt` and
+the door's address can and cannot do. Each docs/deployment.md claim names its test here.
 """
 
 import http.client
@@ -231,6 +232,19 @@ def _supernode(
     return command
 
 
+def _tiny_app(dest: Path) -> Path:
+    """A Flower app that calls itself fedfin/fedfin 0.1.0: bundled in a second, never run."""
+    dest.mkdir(parents=True)
+    (dest / "pyproject.toml").write_text(
+        '[project]\nname = "fedfin"\nversion = "0.1.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "fedfin"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "tiny:server"\nclientapp = "tiny:client"\n\n'
+        "[tool.flwr.app.config]\n"
+    )
+    (dest / "tiny.py").write_text("server = None\nclient = None\n")
+    return dest
+
+
 # --- The door's config, without a deployment ---------------------------------------------
 
 
@@ -335,23 +349,21 @@ def test_the_public_door_refuses_the_control_api(
         env=outsider,
         capture_output=True,
     )
-    run_id = next(iter(_runs(deployment)))
-    before = _nodes(deployment)
+    run_id = json.loads((deployment.work / "runs.json").read_text())["runs"][0]["run-id"]
     attempts = {
         "register": ["supernode", "register", str(tmp_path / "intruder.pub"), "door"],
         "ls": ["ls", "door"],
         "stop": ["stop", run_id, "door"],
         "log": ["log", run_id, "door", "--show"],
         "supernode list": ["supernode", "list", "door"],
-        "run": ["run", ".", "door"],
+        "run": ["run", str(_tiny_app(tmp_path / "app")), "door"],
     }
     for name, (code, output) in _flwr_at_once(outsider, attempts).items():
         assert code not in (None, 0), f"flwr {name} through the door: {output}"
         assert "404 Not Found" in output, f"flwr {name}: {output}"
 
-    assert _nodes(deployment) == before  # the intruder's key was not registered
-    assert _runs(deployment)[run_id] == "finished:completed"  # and nothing was started
-    assert len(_runs(deployment)) == 1
+    assert list(_nodes(deployment).values()) == ["online"] * len(BANKS)  # no intruder key
+    assert _runs(deployment) == {run_id: "finished:completed"}  # and nothing was started
 
 
 def _door_status(deployment: Deployment, method: str, path: str) -> int:
@@ -501,14 +513,15 @@ def test_a_rotated_key_joins_and_the_revoked_key_is_refused(
         deployment, keys / "bank-02-next", deployment.base_port + 5, retries=False
     )
     with started(new_supernode, deployment.env, tmp_path / "rotated.log") as rotated:
-        assert _wait_until(lambda: _nodes(deployment).get(new_id) == "online", 60), (
-            tmp_path / "rotated.log"
-        ).read_text()[-2000:]
+        rotated_log = tmp_path / "rotated.log"
+        assert _wait_until(lambda: "SuperNode ID" in rotated_log.read_text(), 60), (
+            rotated_log.read_text()[-2000:]
+        )
+        assert _nodes(deployment)[new_id] == "online"
 
         revoke = _flwr(deployment.env, "supernode", "unregister", old_id, "fedfin")
         assert revoke.returncode == 0, revoke.stdout + revoke.stderr
         assert _wait_until(lambda: not _alive(old_supernode), 60)  # cut off at its next call
-        assert _nodes(deployment)[old_id] == "unregistered"
 
         code = _run_to_exit(
             _supernode(deployment, keys / "bank-02", deployment.base_port + 6),
@@ -518,7 +531,9 @@ def test_a_rotated_key_joins_and_the_revoked_key_is_refused(
         )
         assert code not in (None, 0)
         assert "exit-codes/305" in (tmp_path / "revoked.log").read_text()
-        assert rotated.poll() is None and _nodes(deployment)[new_id] == "online"
+        assert rotated.poll() is None
+        nodes = _nodes(deployment)
+        assert nodes[old_id] == "unregistered" and nodes[new_id] == "online"
 
 
 def test_only_the_executor_with_the_secret_can_claim_the_serverapp_task(
@@ -533,17 +548,11 @@ def test_only_the_executor_with_the_secret_can_claim_the_serverapp_task(
     os.killpg(executor, signal.SIGTERM)  # our own process group (setsid in the demo)
     assert _wait_until(lambda: not _alive(executor), 30)
 
-    launched = _flwr(
-        deployment.env,
-        "run",
-        ".",
-        "fedfin",
-        "--run-config",
-        f"encoder-dir='{deployment.work / 'encoder'}' out-dir='{tmp_path / 'server'}'",
-    )
+    launched = _flwr(deployment.env, "run", str(_tiny_app(tmp_path / "app")), "fedfin")
     assert launched.returncode == 0, launched.stdout + launched.stderr
-    pending = [run for run, status in _runs(deployment).items() if status == "pending"]
-    assert len(pending) == 1, _runs(deployment)
+    runs = _runs(deployment)
+    pending = [run for run, status in runs.items() if status == "pending"]
+    assert len(pending) == 1, runs
 
     (tmp_path / "wrong.secret").write_bytes(os.urandom(32))
     rogue = [
@@ -572,5 +581,4 @@ def test_only_the_executor_with_the_secret_can_claim_the_serverapp_task(
 
     stop = _flwr(deployment.env, "stop", pending[0], "fedfin")  # the coordinator's own CLI
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    assert _runs(deployment)[pending[0]] == "finished:stopped"
-    assert not (tmp_path / "server").exists()  # no ServerApp ever ran for it
+    assert _runs(deployment)[pending[0]] == "finished:stopped"  # no executor ever took it
