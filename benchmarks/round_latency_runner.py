@@ -103,7 +103,7 @@ def run_benchmark(
                          *(["--verbose"] if verbose else [])], env,
                         work / f"runner-{bank}.log", ROOT)
             )  # fmt: skip
-        wait_for(lambda: online_nodes(env) == len(BANKS), 120, "the banks' SuperNodes")
+        wait_for(lambda: online_nodes(env) == len(BANKS), 120, "the SuperNodes", interval=2)
         wait_for(
             lambda: all(
                 "connected to the SuperNode" in (work / f"runner-{b}.log").read_text()
@@ -119,7 +119,7 @@ def run_benchmark(
         load_before = os.getloadavg()[0]
         started_at = time.perf_counter()
         run_id = start_run(app, run_config, env)
-        status = wait_for_run(run_id, env, 900)
+        status = wait_for_run(run_id, env, 900, work / "server" / "final")
         run_seconds = time.perf_counter() - started_at
         load_after = os.getloadavg()[0]
     if status != "finished:completed":

@@ -211,8 +211,8 @@ class RuntimeApi:
 class ClaimedTask:
     """One claimed task: pull its input, push one reply, report it finished; heartbeats.
 
-    Use as a context manager: leaving it always reports the task finished (completed or
-    failed), so the SuperNode never waits for a reply that will not come.
+    Use as a context manager: leaving it reports the task completed once its reply is out;
+    without a reply it lets the task expire, so the SuperNode answers in its place.
     """
 
     def __init__(self, api: RuntimeApi, task: Task, token: str) -> None:
@@ -241,8 +241,14 @@ class ClaimedTask:
         traceback: TracebackType | None,
     ) -> None:
         self._stop.set()
-        status = SubStatus.COMPLETED if self._completed and exc is None else SubStatus.FAILED
-        push_task_output(self._client, self._context, status, "")
+        if self._completed:
+            push_task_output(self._client, self._context, SubStatus.COMPLETED, "")
+        else:
+            # No reply went out. A task reported finished without one would leave the
+            # SuperNode waiting for that reply forever (start_client_internal.py,
+            # `_push_messages`); a task whose heartbeat stops is expired within 60 s and
+            # answered with Flower's own "ClientApp crashed" error, which carries nothing.
+            log.error("task %s ended without a reply; the SuperNode will expire it", self.task_id)
         self._heartbeat.join(timeout=5)
         self._client.close()
 

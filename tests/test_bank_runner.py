@@ -331,7 +331,7 @@ def deployment(
             work, env, superlink_port, runtime_port, secret, state_dir, data_dir, key_file,
             marker, evil_app, evil_out, supernode, runner, logs["runner"], logs, stack=stack,
         )  # fmt: skip
-        wait_for(lambda: online_nodes(env) == 1, 90, "the bank's SuperNode to come online")
+        wait_for(lambda: online_nodes(env) == 1, 90, "the bank's SuperNode", interval=2)
         wait_for(lambda: runner_says(deployment, "connected to the SuperNode"), 90, "the runner")
 
         run_config = (
@@ -339,11 +339,12 @@ def deployment(
             "num-server-rounds=1 min-banks=1"
         )
         run_id = start_run(real_app, run_config, env)
-        deployment.real_run = (run_id, wait_for_run(run_id, env, 240))
+        done = work / "server-out" / "final"  # written by the ServerApp after its last round
+        deployment.real_run = (run_id, wait_for_run(run_id, env, 240, done))
         deployment.state_before_evil = state_files(state_dir)
 
         run_id = start_run(evil_app, "", env)
-        deployment.evil_run = (run_id, wait_for_run(run_id, env, 120))
+        deployment.evil_run = (run_id, wait_for_run(run_id, env, 120, evil_out))
         deployment.state_after_evil = state_files(state_dir)
         yield deployment
 

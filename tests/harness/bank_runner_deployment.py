@@ -176,6 +176,7 @@ def flwr_json(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> dict[st
 
 
 def online_nodes(env: dict[str, str]) -> int:
+    """SuperNodes the SuperLink sees online (poll it every few seconds: a `flwr` call costs)."""
     listing = flwr_json(["supernode", "list", CONNECTION], env)
     nodes = listing.get("nodes")
     if not isinstance(nodes, list):
@@ -202,8 +203,17 @@ def run_status(run_id: int, env: dict[str, str]) -> str:
     return ""
 
 
-def wait_for_run(run_id: int, env: dict[str, str], timeout: float) -> str:
-    """Poll `flwr ls` until the run is finished; returns its final status."""
+def wait_for_run(
+    run_id: int, env: dict[str, str], timeout: float, done_file: Path | None = None
+) -> str:
+    """Wait until the run is finished; returns its final status.
+
+    Each `flwr ls` is a fresh Python process (seconds of CPU on a loaded 2-core machine), so
+    when the app writes `done_file` at its end, wait for that first and ask Flower after.
+    """
+    deadline = time.monotonic() + timeout
+    if done_file is not None:
+        wait_for(done_file.exists, timeout, f"{done_file} from run {run_id}", interval=0.25)
     status = ""
 
     def finished() -> bool:
@@ -211,7 +221,7 @@ def wait_for_run(run_id: int, env: dict[str, str], timeout: float) -> str:
         status = run_status(run_id, env)
         return status.startswith("finished")
 
-    wait_for(finished, timeout, f"run {run_id} to finish", interval=1.0)
+    wait_for(finished, max(deadline - time.monotonic(), 30), f"run {run_id} to end", interval=2)
     return status
 
 
