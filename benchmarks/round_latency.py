@@ -1,7 +1,8 @@
-"""Seconds per round: real deployment (SuperLink + 3 SuperNodes, TLS, auth) vs simulation.
+"""Seconds per round: real deployment (SuperLink, door, 3 SuperNodes + runners) vs simulation.
 
-Every Flower message starts a fresh ClientApp process, which imports fedfin, torch and
-opacus before doing any work; this measures how much of a round that is. Runs, on the
+Before the bank runner, every Flower message started a fresh ClientApp process, which
+imported fedfin, torch and opacus before doing any work; this measures how much of a
+round that is. Runs, on the
 same 3 built-in banks and 2 rounds: scripts/deployment_demo.sh, `fedfin simulate`, and
 the import time of the ClientApp's evaluate and train paths in fresh processes.
 Results go to benchmarks/results/round_latency.json under --label (e.g. before/after).
@@ -42,10 +43,21 @@ def round_seconds(rounds_file: Path) -> list[float]:
     return [json.loads(line)["seconds"] for line in rounds_file.read_text().splitlines()]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1]) + 0
+def free_port(block: int = 5) -> int:
+    """A base port with `block` free ports from it: the demo uses the SuperLink's port,
+    the door's and one per bank (checked, not guaranteed)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        try:
+            for port in range(base, base + block):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports")
 
 
 def main() -> None:
