@@ -274,6 +274,26 @@ def test_the_door_config_refuses_a_certificate_nginx_cannot_check(tmp_path: Path
     assert forwarded == [f"https://superlink{path};" for path in FLEET_PATHS]
 
 
+def test_proxy_config_and_exec_secret_from_the_command_line(tmp_path: Path) -> None:
+    """A missing certs dir is one line and exit 2; a secret is 32 bytes, mode 600, never reused."""
+
+    def fedfin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*FEDFIN, *args], cwd=ROOT, capture_output=True, text=True)
+
+    door = ["--listen", "0.0.0.0:9092", "--superlink-port", "9093", "--prefix", str(tmp_path)]
+    missing = fedfin("proxy-config", "--certs", str(tmp_path / "none"), *door, "--out", "x")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "fedfin certs" in missing.stderr
+
+    secret = tmp_path / "exec.secret"
+    assert fedfin("exec-secret", "--out", str(secret)).returncode == 0
+    assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o777 == 0o600
+    first = secret.read_bytes()
+    again = fedfin("exec-secret", "--out", str(secret))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert secret.read_bytes() == first
+
+
 # --- What the coordinator and the banks check ---------------------------------------------
 
 
