@@ -140,6 +140,7 @@ def run_benchmark(
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}",
         "load_average_1min_before_and_after": [round(load_before, 2), round(load_after, 2)],
+        "flower_env": {k: v for k, v in os.environ.items() if k.startswith("FLWR_PRIVATE_")},
         "banks": len(BANKS),
         "rounds": rounds,
         "runner_poll_interval_seconds": poll_interval,
@@ -172,13 +173,14 @@ def _task_figures(values: list[Task]) -> dict[str, object]:
     return figures
 
 
-def write_markdown(figures: dict[str, object], before: dict[str, object]) -> str:
+def write_markdown(figures: dict[str, object], before: dict[str, object], suffix: str) -> str:
     tasks = figures["runner_task_seconds"]
     assert isinstance(tasks, dict)
     lines = [
         "# Round latency with the warm bank runner (3 built-in banks, loopback)",
         "",
-        f"Command: `python -m benchmarks.round_latency_runner --rounds {figures['rounds']}`; "
+        f"Command: `{_env_prefix(figures)}python -m benchmarks.round_latency_runner --rounds "
+        f"{figures['rounds']}{f' --suffix {suffix}' if suffix else ''}`; "
         f"machine: {figures['machine']}, shared with other work while measured (1-minute "
         f"load average {figures['load_average_1min_before_and_after']} before/after the run, "
         "on 2 cores: the figures are for a loaded machine, not an idle one).",
@@ -244,6 +246,11 @@ def write_markdown(figures: dict[str, object], before: dict[str, object]) -> str
     return "\n".join(lines)
 
 
+def _env_prefix(figures: dict[str, object]) -> str:
+    env = figures.get("flower_env")
+    return "".join(f"{k}={v} " for k, v in env.items()) if isinstance(env, dict) else ""
+
+
 def _median(before: dict[str, object]) -> str:
     values = before.get("deployment_seconds_per_round")
     if isinstance(values, list) and values:
@@ -256,6 +263,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--poll-interval", type=float, default=0.1)
     parser.add_argument("--verbose", action="store_true", help="runners log their pulls")
+    parser.add_argument(
+        "--suffix", default="", help="write round_latency_runner<SUFFIX>.{json,md} (variants)"
+    )
     parser.add_argument("--keep", type=Path, help="work directory to keep (default: a tmp dir)")
     args = parser.parse_args()
     if args.keep:
@@ -270,8 +280,9 @@ def main() -> None:
         recorded = json.loads(earlier.read_text())
         before = recorded.get("after", recorded) if isinstance(recorded, dict) else {}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "round_latency_runner.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (RESULTS / "round_latency_runner.md").write_text(write_markdown(figures, before))
+    name = f"round_latency_runner{args.suffix}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(write_markdown(figures, before, args.suffix))
     print(json.dumps(figures, indent=2))
     sys.exit(0)
 
