@@ -12,7 +12,6 @@ allow-list gets a declined reply without the bank's data or state being touched.
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -73,9 +72,7 @@ class BankRunner:
         self.app = app
         self.api = api
 
-    def serve_forever(
-        self, stop: threading.Event, on_task: Callable[[TaskOutcome], None] | None = None
-    ) -> None:
+    def serve_forever(self, stop: threading.Event) -> None:
         """Poll for tasks until `stop` is set; survive failed tasks and SuperNode restarts.
 
         A task in progress is always finished before `stop` is honoured: its ledger entry
@@ -99,9 +96,10 @@ class BankRunner:
             if task is None:
                 stop.wait(self.config.poll_seconds)
                 continue
-            outcome = self.serve(task)
-            if outcome is not None and on_task is not None:
-                on_task(outcome)
+            try:
+                self.serve(task)
+            except Exception:  # a bug in one task must not end the bank's service
+                log.exception("run %s task %s failed", task.run_id, task.task_id)
 
     def serve(self, task: ClaimedTask) -> TaskOutcome | None:
         """Answer one claimed task; None if its input or reply could not be exchanged."""

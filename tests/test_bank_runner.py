@@ -249,6 +249,29 @@ def test_the_flower_internals_the_runner_uses_are_the_tested_ones() -> None:
     }
 
 
+def test_a_refused_run_gets_the_same_reply_as_a_bank_that_declines(
+    pretrained: Pretrained,
+) -> None:
+    """The server sees the shape it knows from client_app.py: a status record, two keys."""
+    from flwr.app import Context, RecordDict
+
+    from client.bank_runner import declined_reply
+    from client.client_app import build_client_app
+    from common.checkpoint import load_encoder_checkpoint
+    from tests.harness.messages import server_identity, train_message
+
+    with server_identity():
+        message = train_message(load_encoder_checkpoint(pretrained.checkpoint_dir))
+    no_settings = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    declined = build_client_app()(message, no_settings)
+    refused = declined_reply(message, REASON_NOT_ALLOWED)
+    assert list(refused.content.keys()) == list(declined.content.keys()) == [STATUS]
+    assert set(refused.content.config_records[STATUS]) == {STATUS_KEY, REASON_KEY}
+    assert set(declined.content.config_records[STATUS]) == {STATUS_KEY, REASON_KEY}
+    assert refused.content.config_records[STATUS][STATUS_KEY] == STATUS_DECLINED
+    assert refused.metadata.reply_to_message_id == message.metadata.message_id
+
+
 # --- a real deployment on loopback ---------------------------------------------------
 
 
