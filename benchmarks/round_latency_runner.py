@@ -180,7 +180,7 @@ def write_markdown(figures: dict[str, object], before: dict[str, object], suffix
         "# Round latency with the warm bank runner (3 built-in banks, loopback)",
         "",
         f"Command: `{_env_prefix(figures)}python -m benchmarks.round_latency_runner --rounds "
-        f"{figures['rounds']}{f' --suffix {suffix}' if suffix else ''}`; "
+        f"{figures['rounds']}{f' --suffix={suffix}' if suffix else ''}`; "
         f"machine: {figures['machine']}, shared with other work while measured (1-minute "
         f"load average {figures['load_average_1min_before_and_after']} before/after the run, "
         "on 2 cores: the figures are for a loaded machine, not an idle one).",
