@@ -243,6 +243,13 @@ def test_the_flower_internals_the_runner_uses_are_the_tested_ones() -> None:
         "sub_status",
         "details",
     ]
+    assert {
+        "server_address",
+        "insecure",
+        "root_certificates",
+        "interceptors",
+        "retry_invoker",
+    } <= set(inspect.signature(RuntimeHttpClient.from_server_address).parameters)
     assert set(inspect.signature(SuperExecAuthHttpInterceptor).parameters) == {
         "master_secret",
         "protected_methods",
