@@ -11,7 +11,7 @@ from common.ledger import PrivacyLedger
 from common.protocol import REASON_DECLINED
 from tests.harness.processes import flower_env, run_to_end
 
-TIMEOUT = 30.0
+TIMEOUT = 45.0  # round 1 starts Ray workers and torch on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,9 @@ def test_no_bank_is_charged_twice_for_the_same_round(resumed_run: Path) -> None:
         charged = Counter(e["server_round"] for e in entries if e["kind"] == "charge")
         released = Counter(e["server_round"] for e in entries if e["kind"] == "train")
         assert set(charged) == set(range(1, ROUNDS + 1)), charged
-        assert max(charged.values()) == 1 and released == charged
+        # A bank killed mid-training keeps its charge and declines the round on resume.
+        assert max(charged.values()) == 1 and max(released.values()) == 1
+        assert set(released) <= set(charged)
         replays += [e for e in entries if e["kind"] == "train-replay"]
         for replay in (e for e in entries if e["kind"] == "train-replay"):
             assert replay["dp_events"] == []
