@@ -18,7 +18,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from common.model import CreditModel, build_model
 from common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
 from common.shared_weights import load_shared_arrays, shared_arrays
 from common.tensors import predict_proba
+
+if TYPE_CHECKING:  # Opacus is imported only when a bank trains
+    from client.dp_training import StepObserver
 
 log = logging.getLogger("fedfin.bank")
 CHARGE = "charge"
@@ -99,7 +102,7 @@ def train_round(
     encoder: Mapping[str, np.ndarray],
     source_head: Mapping[str, np.ndarray] | None,
     run_id: int,
-    observe_step: Any = None,
+    observe_step: "StepObserver | None" = None,
 ) -> BankReply:
     """DP fine-tuning of encoder + private head; returns only the encoder and allowed numbers.
 
