@@ -7,6 +7,7 @@ it and is never used for a budget). Events with the same noise and sample rate a
 merged by adding their steps: the composition is the same and the maths is faster.
 """
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -69,6 +70,13 @@ def epsilon_of_history(
     history: Sequence[tuple[float, float, int]], delta: float, name: str
 ) -> float:
     """ε of an Opacus-style history (an upper bound for PRV) at `delta`."""
+    return _epsilon_of(tuple(history), delta, name)
+
+
+@functools.lru_cache(maxsize=512)
+def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, name: str) -> float:
+    """Memoised: a round asks for the same ε several times (approval, trim check, charge),
+    and each PRV computation costs a few hundred milliseconds."""
     if not history:
         return 0.0
     accountant = new_accountant(name)
