@@ -115,26 +115,30 @@ def _check(canaries: int, guesses: int, correct: int, delta: float) -> None:
 class NoiseDiagnostics:
     """What the applied gradients say about the noise, and whether it looks like the claim.
 
-    Thresholds: noise scale within ±`SCALE_TOLERANCE` of σC/B, |excess kurtosis| below
-    `KURTOSIS_LIMIT`, |step-to-step correlation| below `CORRELATION_LIMIT`.
+    Thresholds: noise scale within ±`SCALE_TOLERANCE` of σC/B; |excess kurtosis| below
+    `kurtosis_limit` (`KURTOSIS_LIMIT`, or 8 standard errors of a Gaussian sample's
+    kurtosis, √(24/n), if larger); |step-to-step correlation| below `CORRELATION_LIMIT`.
     """
 
     scale_ratio: float  # std of the residual coordinates / (σC/B): 1 when honest
-    excess_kurtosis: float  # 0 for Gaussian noise; heavy tails (no clipping) make it large
+    excess_kurtosis: float  # 0 for Gaussian noise; unclipped gradients give heavy tails
     step_correlation: float  # mean correlation of consecutive steps' residuals: 0 when fresh
+    kurtosis_limit: float
 
     @property
     def ok(self) -> bool:
         return (
             abs(self.scale_ratio - 1.0) <= SCALE_TOLERANCE
-            and abs(self.excess_kurtosis) <= KURTOSIS_LIMIT
+            and abs(self.excess_kurtosis) <= self.kurtosis_limit
             and abs(self.step_correlation) <= CORRELATION_LIMIT
         )
 
 
 SCALE_TOLERANCE = 0.25
-KURTOSIS_LIMIT = 1.0
-CORRELATION_LIMIT = 0.2
+# Honest rounds measured -0.02..0.01 (clipped data is a small part of the update); a round
+# without clipping 0.3 at σ 2.7 (claimed ε 8): see benchmarks/results/empirical_audit.md.
+KURTOSIS_LIMIT = 0.1
+CORRELATION_LIMIT = 0.1
 
 
 def noise_diagnostics(
@@ -158,4 +162,5 @@ def noise_diagnostics(
     excess_kurtosis = float(np.mean(centred**4) / variance**2 - 3.0)
     norms = np.linalg.norm(centred, axis=1)
     pairs = np.sum(centred[1:] * centred[:-1], axis=1) / (norms[1:] * norms[:-1])
-    return NoiseDiagnostics(scale_ratio, excess_kurtosis, float(np.mean(pairs)))
+    limit = max(KURTOSIS_LIMIT, 8 * math.sqrt(24 / centred.size))
+    return NoiseDiagnostics(scale_ratio, excess_kurtosis, float(np.mean(pairs)), limit)
