@@ -12,7 +12,6 @@ mechanism (σ, q = 1, T steps). The noise left after removing the canary subspac
 checked against σC/B. Nothing is released and the bank's real budget is not touched.
 """
 
-import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -317,8 +316,3 @@ def write_empirical_plot(path: Path, audit: EmpiricalAudit) -> None:
 
     write_atomically(path, save)
     plt.close(figure)
-
-
-def expected_separation(audit: EmpiricalAudit) -> float:
-    """How many noise standard deviations apart the in and out scores should sit: √T/σ."""
-    return math.sqrt(audit.config.steps) / audit.noise_multiplier

@@ -33,7 +33,11 @@ def binomial_tail(v: int, r: int, epsilon: float) -> float:
 
 
 def p_value(epsilon: float, delta: float, canaries: int, guesses: int, correct: int) -> float:
-    """Theorem 3's bound on P[W >= correct] for an (ε, δ)-DP training run (capped at 1)."""
+    """Theorem 3's bound on P[W >= correct] for an (ε, δ)-DP training run (capped at 1).
+
+    The max runs over i = 1..m as in the theorem; for i > v it is (1 - f(v)) / i, below its
+    value at i = v, so this equals the paper's Appendix D loop over i = 1..v.
+    """
     _check(canaries, guesses, correct, delta)
     f_v = binomial_tail(correct, guesses, epsilon)
     if delta == 0.0 or correct == 0:
