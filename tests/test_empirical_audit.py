@@ -221,3 +221,21 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
     assert err.count("\n") == 0 and "--canaries" in err
     assert main(["audit", "--empirical", "--encoder", encoder]) != 0
     assert capsys.readouterr().err.strip().count("\n") == 0
+    assert main(["audit"]) == 2  # neither a ledger to check nor --empirical
+    assert "PATH" in capsys.readouterr().err
+
+
+def test_a_caught_build_makes_the_command_exit_4_with_one_line(
+    pretrained: Pretrained,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _noise_divided_by(10.0, monkeypatch)
+    args = ["audit", "--empirical", "--data", str(data), "--encoder"]
+    args += [str(pretrained.checkpoint_dir), "--canaries", "100", "--steps", "10"]
+    args += ["--epsilon", "1", "--plot", str(tmp_path / "caught.png")]
+    assert main(args) == 4
+    err = capsys.readouterr().err.strip()
+    assert err == "fedfin audit: error: empirical audit: FAIL: ε lower bound above the claim"
