@@ -231,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--json", type=Path, help="also write the audit as JSON to this file")
     audit.add_argument(
-        "--plot", type=Path, help="PNG of cumulative ε per bank (default: PATH/privacy-audit.png)"
+        "--plot",
+        type=Path,
+        help=(
+            "PNG of cumulative ε per bank (default: PATH/privacy-audit.png); with --empirical, "
+            "of the canary scores (default: ./empirical-audit.png)"
+        ),
     )
     _add_empirical_audit_flags(audit)
     audit.set_defaults(run=_run_audit)
