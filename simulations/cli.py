@@ -100,7 +100,7 @@ def _add_empirical_audit_flags(audit: argparse.ArgumentParser) -> None:
     empirical = audit.add_argument_group(
         "empirical audit (--empirical)",
         "Inside a bank: train one round of the bank's real DP code on its data with white-box "
-        "canaries, in a temporary state dir (nothing spent, nothing sent), and report a 95%% "
+        "canaries, in a temporary state dir (nothing spent, nothing sent), and report a 95% "
         "lower bound on ε next to the claimed ε, plus noise diagnostics. Exits 4 if caught.",
     )
     empirical.add_argument("--empirical", action="store_true", help="run the canary audit")
