@@ -42,7 +42,7 @@ from common.shared_weights import load_shared_arrays, shared_arrays
 from common.tensors import predict_proba
 
 if TYPE_CHECKING:  # Opacus is imported only when a bank trains
-    from client.dp_training import StepObserver
+    from client.dp_training import CanaryGradients, StepObserver
 
 log = logging.getLogger("fedfin.bank")
 CHARGE = "charge"
@@ -103,10 +103,12 @@ def train_round(
     source_head: Mapping[str, np.ndarray] | None,
     run_id: int,
     observe_step: "StepObserver | None" = None,
+    canary_gradients: "CanaryGradients | None" = None,
 ) -> BankReply:
     """DP fine-tuning of encoder + private head; returns only the encoder and allowed numbers.
 
-    `observe_step` (tests, `fedfin audit --empirical`) sees the gradients each DP step applies.
+    `observe_step` (tests, `fedfin audit --empirical`) sees the gradients each DP step applies;
+    `canary_gradients` (`fedfin audit --empirical` only) adds the audit's canaries to each step.
     """
     # Opacus loads here, not at import: evaluation messages do not need it.
     from client.budget import approve_round
@@ -151,7 +153,13 @@ def train_round(
             )
         )
     history = train_with_dp(
-        model, train, approved.plan, approved.past, generator, observe_step=observe_step
+        model,
+        train,
+        approved.plan,
+        approved.past,
+        generator,
+        observe_step=observe_step,
+        canary_gradients=canary_gradients,
     )
     released = _released_events(approved.past, history, approved.plan.max_grad_norm)
     if merged_history(released) != merged_history([approved.plan.event()]):

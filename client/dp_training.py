@@ -57,6 +57,9 @@ class DpStepPlan:
 
 
 StepObserver = Callable[[list[torch.Tensor]], None]
+# Given a phase's trainable parameters, the sum of the audit canaries' gradients (one
+# tensor per parameter, each canary of norm C): added to the clipped sum before the noise.
+CanaryGradients = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 
 
 def train_with_dp(
@@ -66,12 +69,16 @@ def train_with_dp(
     past: list[DpEvent],
     generator: torch.Generator,
     observe_step: StepObserver | None = None,
+    canary_gradients: CanaryGradients | None = None,
 ) -> list[tuple[float, float, int]]:
     """Train `model` in place; return the accountant's full history (past + this round).
 
     `generator` drives the DP noise and the Poisson sampling: it must be secret (see
     bank_worker). `observe_step`, if given, sees the gradients each step applies (after
-    clipping, noise and scaling): what an auditor of the noise needs.
+    clipping, noise and scaling): what an auditor of the noise needs. `canary_gradients`,
+    if given (`fedfin audit --empirical` only), adds white-box canaries to every step's
+    clipped sum, right before Opacus adds the noise: they go through the real noise,
+    scaling and optimizer, exactly like a record whose clipped gradient they are.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "secure RNG off": see the module docstring
@@ -89,7 +96,16 @@ def train_with_dp(
         for trainable, steps in phases:
             if steps > 0:
                 _run_phase(
-                    engine, model, trainable, dataset, plan, steps, anchor, generator, observe_step
+                    engine,
+                    model,
+                    trainable,
+                    dataset,
+                    plan,
+                    steps,
+                    anchor,
+                    generator,
+                    observe_step,
+                    canary_gradients,
                 )
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -106,6 +122,7 @@ def _run_phase(
     anchor: list[torch.Tensor],
     generator: torch.Generator,
     observe_step: StepObserver | None,
+    canary_gradients: CanaryGradients | None = None,
 ) -> None:
     """`steps` Poisson-sampled, clipped and noised steps on `trainable`'s parameters only."""
     wanted = {id(p) for p in trainable.parameters()}
@@ -127,6 +144,8 @@ def _run_phase(
     dp_optimizer.generator = generator
     dp_optimizer.secure_mode = True  # 2n Gaussian draws per coordinate (Opacus' FP-attack fix)
     dp_optimizer.expected_batch_size = plan.batch_size  # public, unlike qN
+    if canary_gradients is not None:
+        _add_canaries_before_noise(dp_optimizer, params, canary_gradients)
     if observe_step is not None:
         optimizer.register_step_pre_hook(
             lambda *_: observe_step([p.grad.detach().clone() for p in params if p.grad is not None])
@@ -137,7 +156,7 @@ def _run_phase(
         numeric, categorical, target = next(batches)
         dp_optimizer.zero_grad()
         if len(target) == 0:
-            _noise_only_step(dp_optimizer, params, plan, generator)
+            _noise_only_step(dp_optimizer, params, plan, generator, canary_gradients)
         else:
             loss = criterion(private_model(numeric, categorical), target)
             loss.backward()
@@ -155,6 +174,7 @@ def _noise_only_step(
     params: Sequence[torch.Tensor],
     plan: DpStepPlan,
     generator: torch.Generator,
+    canary_gradients: CanaryGradients | None = None,
 ) -> None:
     """A step on an empty Poisson batch: the clipped sum is zero, the noise is not.
 
@@ -165,12 +185,39 @@ def _noise_only_step(
     from opacus.optimizers.optimizer import _generate_noise
 
     std = plan.noise_multiplier * plan.max_grad_norm
-    for parameter in params:
+    canaries = canary_gradients(params) if canary_gradients is not None else None
+    for index, parameter in enumerate(params):
         noise = _generate_noise(std, parameter, generator=generator, secure_mode=True)
-        parameter.grad = noise / plan.batch_size
+        clipped_sum = canaries[index] if canaries is not None else 0.0
+        parameter.grad = (clipped_sum + noise) / plan.batch_size
     optimizer: torch.optim.Optimizer = dp_optimizer.original_optimizer  # type: ignore[attr-defined]
     optimizer.step()
     dp_optimizer.step_hook(dp_optimizer)  # type: ignore[attr-defined]  # the accountant's step
+
+
+def _add_canaries_before_noise(
+    dp_optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    canary_gradients: CanaryGradients,
+) -> None:
+    """Make the optimizer's own `add_noise` first add the canaries to each clipped sum.
+
+    This instance's method is wrapped, nothing else: the noise, its σC, the division by the
+    public batch size and the accountant's step stay Opacus' own code, which is what the
+    audit is meant to test.
+    """
+    real_add_noise = dp_optimizer.add_noise  # type: ignore[attr-defined]
+
+    def add_noise_with_canaries() -> None:
+        for parameter, canary in zip(params, canary_gradients(params), strict=True):
+            summed = getattr(parameter, "summed_grad", None)
+            if summed is None:
+                parameter.summed_grad = canary.clone()  # type: ignore[attr-defined]
+            else:
+                summed.add_(canary.view_as(summed))
+        real_add_noise()
+
+    dp_optimizer.add_noise = add_noise_with_canaries  # type: ignore[attr-defined]
 
 
 def _forever(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:

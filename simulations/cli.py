@@ -4,6 +4,7 @@ Any `FedfinError` becomes `fedfin <command>: error: <message>` on stderr and its
 """
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -95,6 +96,42 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_empirical_audit_flags(audit: argparse.ArgumentParser) -> None:
+    empirical = audit.add_argument_group(
+        "empirical audit (--empirical)",
+        "Inside a bank: train one round of the bank's real DP code on its data with white-box "
+        "canaries, in a temporary state dir (nothing spent, nothing sent), and report a 95% "
+        "lower bound on ε next to the claimed ε, plus noise diagnostics. Exits 4 if caught.",
+    )
+    empirical.add_argument("--empirical", action="store_true", help="run the canary audit")
+    empirical.add_argument("--data", type=Path, help="the bank's data (dir or CSV/Parquet)")
+    empirical.add_argument("--encoder", type=Path, help="encoder checkpoint directory")
+    empirical.add_argument("--canaries", type=_positive_int("--canaries"), default=1000)
+    empirical.add_argument(
+        "--guesses",
+        type=_non_negative_int("--guesses"),
+        default=0,
+        help="'in' guesses, and as many 'out' guesses (default: canaries / 10)",
+    )
+    empirical.add_argument(
+        "--epsilon",
+        type=_positive_float("--epsilon"),
+        default=4.0,
+        help="claimed ε of the audited plan (fixes σ for --steps steps at q = 1)",
+    )
+    empirical.add_argument("--steps", type=_positive_int("--steps"), default=20)
+    empirical.add_argument("--delta", type=_probability("--delta"), default=1e-5)
+    empirical.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0)
+    empirical.add_argument(
+        "--sample-rate",
+        type=_probability("--sample-rate"),
+        default=0.05,
+        help="the bank's Poisson rate for its data (1/k)",
+    )
+    empirical.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+    empirical.add_argument("--seed", type=_non_negative_int("--seed"), default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fedfin",
@@ -181,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
             "recorded ε is understated or a budget is exceeded."
         ),
     )
-    audit.add_argument("path", type=Path, help="a bank's state dir, or a run dir (all banks)")
+    audit.add_argument(
+        "path", type=Path, nargs="?", help="a bank's state dir, or a run dir (all banks)"
+    )
     audit.add_argument(
         "--anchors",
         type=Path,
@@ -192,8 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--json", type=Path, help="also write the audit as JSON to this file")
     audit.add_argument(
-        "--plot", type=Path, help="PNG of cumulative ε per bank (default: PATH/privacy-audit.png)"
+        "--plot",
+        type=Path,
+        help=(
+            "PNG of cumulative ε per bank (default: PATH/privacy-audit.png); with --empirical, "
+            "of the canary scores (default: ./empirical-audit.png)"
+        ),
     )
+    _add_empirical_audit_flags(audit)
     audit.set_defaults(run=_run_audit)
 
     certs = commands.add_parser(
@@ -301,7 +346,58 @@ def _run_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_empirical_audit(args: argparse.Namespace) -> int:
+    from client.empirical_audit import (
+        EmpiricalAuditConfig,
+        empirical_audit_table,
+        run_empirical_audit,
+        write_empirical_plot,
+    )
+    from common.errors import PrivacyBudgetError
+
+    if args.data is None or args.encoder is None:
+        raise ConfigError("--empirical needs --data and --encoder")
+    if args.path is not None:
+        raise ConfigError("--empirical audits training, not a state dir: drop PATH")
+    torch_threads()
+    config = EmpiricalAuditConfig(
+        canaries=args.canaries,
+        guesses_per_side=args.guesses,
+        epsilon=args.epsilon,
+        steps=args.steps,
+        delta=args.delta,
+        max_grad_norm=args.max_grad_norm,
+        sample_rate=args.sample_rate,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    audit = run_empirical_audit(args.data, args.encoder, config)
+    print(empirical_audit_table(audit))
+    if args.json:
+        from common.atomic import write_atomically
+
+        text = json.dumps(audit.as_dict(), indent=2) + "\n"
+        write_atomically(args.json, lambda tmp: tmp.write_text(text))
+    plot = args.plot or Path("empirical-audit.png")
+    write_empirical_plot(plot, audit)
+    print(f"plot: {plot}" + (f"; json: {args.json}" if args.json else ""))
+    if audit.verdict != "ok":
+        raise PrivacyBudgetError(f"empirical audit: {audit.verdict}")
+    return 0
+
+
+def torch_threads() -> None:
+    """One torch thread: on a small busy machine more threads only wait on each other."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _run_audit(args: argparse.Namespace) -> int:
+    if getattr(args, "empirical", False):
+        return _run_empirical_audit(args)
+    if args.path is None:
+        raise ConfigError("audit needs PATH (a state or run dir), or --empirical")
     from common.audit import audit_path, unaudited_anchored_banks
     from common.errors import LedgerError, PrivacyBudgetError
     from common.ledger_anchors import read_anchors
