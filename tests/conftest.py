@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import pytest
 
+from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
 from common.config import PretrainConfig, SplitConfig
 from common.partition import FederatedSplit
 from common.sources import DataSource, load_source
@@ -45,6 +46,12 @@ def pretrained(
         progress=False,
     )
     return Pretrained(split, source, checkpoint_dir, result)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
+    """The pretrained encoder checkpoint as a bank receives it (module-scoped: copy to edit)."""
+    return load_encoder_checkpoint(pretrained.checkpoint_dir)
 
 
 def write_bank_data(pretrained: Pretrained, index: int, directory: Path) -> Path:

@@ -26,7 +26,7 @@ from client.bank_worker import train_round
 from client.release_guard import release_guard
 from common.accounting import DpEvent
 from common.audit import dp_accounting_epsilon
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from common.checkpoint import EncoderCheckpoint
 from common.config import PrivacyPolicy, TrainPlanConfig
 from common.errors import PrivacyBudgetError
 from common.ledger import PrivacyLedger, events_of
@@ -44,11 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _server_identity() -> Iterator[None]:
     with server_identity():
         yield
-
-
-@pytest.fixture(scope="module")
-def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
-    return load_encoder_checkpoint(pretrained.checkpoint_dir)
 
 
 @pytest.fixture

@@ -14,17 +14,12 @@ from client.bank_worker import evaluate_round, train_round
 from client.dp_training import DpStepPlan, train_with_dp
 from client.release import array_sha256
 from common.accounting import DpEvent, epsilon_spent
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from common.checkpoint import EncoderCheckpoint
 from common.config import PrivacyPolicy, TrainPlanConfig
 from common.errors import PrivacyBudgetError
 from common.ledger import PrivacyLedger, events_of
 from common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
 from tests.conftest import Pretrained, write_bank_data
-
-
-@pytest.fixture(scope="module")
-def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
-    return load_encoder_checkpoint(pretrained.checkpoint_dir)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from common.errors import ConfigError
 from common.ledger import PrivacyLedger
 from server.certificates import create_certificates
 from server.proxy_config import FLEET_PATHS, proxy_config_for, render_nginx_config
+from tests.harness.bank_runner_deployment import free_port_block
 from tests.harness.processes import descendants, flower_env, started, stop
 from tests.harness.sockets import listening_addresses
 
@@ -39,27 +39,6 @@ BANKS = ("bank-00", "bank-01", "bank-02")
 EPSILON_BUDGET = 1.0  # the demo's epsilon-budget for every bank
 FEDFIN = [sys.executable, "-m", "simulations.cli"]
 READY_TIMEOUT_S = 480
-
-
-def free_port_block(size: int) -> int:
-    """A base port with `size` free ports after it (checked, not guaranteed)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + size >= 65535:
-            continue
-        ok = True
-        for port in range(base, base + size):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free block of ports")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, Context, Message
 
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from common.checkpoint import EncoderCheckpoint
 from common.ledger import PrivacyLedger
 from common.protocol import ALLOWED_STATUS_KEYS, REASON_DECLINED
 from tests.conftest import Pretrained, write_bank_data
@@ -27,11 +27,6 @@ from tests.harness.messages import (
 def _server_identity() -> Iterator[None]:
     with server_identity():
         yield
-
-
-@pytest.fixture(scope="module")
-def checkpoint(pretrained: Pretrained) -> EncoderCheckpoint:
-    return load_encoder_checkpoint(pretrained.checkpoint_dir)
 
 
 @pytest.fixture
