@@ -119,8 +119,12 @@ def train_round(
     replay = _replay_if_already_released(state, settings, instructions, run_id)
     if replay is not None:
         return replay
-    train, test = load_bank_data(
-        settings.data_path, instructions.schema, settings.test_fraction, state.split_key()
+    train, test = load_bank_data(  # without the validation rows: they choose the served model
+        settings.data_path,
+        instructions.schema,
+        settings.test_fraction,
+        state.split_key(),
+        settings.validation_fraction,
     )
     model = bank_model(settings, state, instructions, encoder, source_head)
     with state.ledger.reserved():  # approval and charge: one exclusive step per state dir

@@ -47,7 +47,7 @@ _RUNNER_KEYS = frozenset(
 _ALLOW_KEYS = frozenset({"app", "version", "fab-sha256"})
 _BANK_PATH_KEYS = ("data-path", "state-dir")
 _BANK_KEYS = frozenset(
-    {"bank-name", "test-fraction", "seed", "noise-seed", *_BANK_PATH_KEYS}
+    {"bank-name", "test-fraction", "validation-fraction", "seed", "noise-seed", *_BANK_PATH_KEYS}
     | {f.name.replace("_", "-") for f in fields(PrivacyPolicy)}
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")

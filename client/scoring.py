@@ -17,14 +17,13 @@ that is missing in every row, which for a one-row table would reject any missing
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from client.bank_state import BankState
-from common.checkpoint import load_encoder_checkpoint
 from common.errors import CheckpointError, DataError
 from common.model import CreditModel
 from common.schema import _Z_CLIP, FeatureSchema, _as_numeric
@@ -115,9 +114,12 @@ def _step(layer: nn.Module) -> Step:
 class Scorer:
     """The bank's model, loaded once: default probabilities for applications."""
 
-    def __init__(self, schema: FeatureSchema, model: CreditModel) -> None:
+    def __init__(
+        self, schema: FeatureSchema, model: CreditModel, card: dict[str, Any] | None = None
+    ) -> None:
         self.schema = schema
         self.model = model.eval()
+        self.card: dict[str, Any] = card or {}  # what is served and why (client/model_choice.py)
         self.feature_names = schema.feature_names
         self._folded = FoldedModel(model, len(schema.numeric))
         self._numeric_names = [f.name for f in schema.numeric]
@@ -133,13 +135,12 @@ class Scorer:
 
     @classmethod
     def load(cls, state_dir: Path, encoder_dir: Path) -> "Scorer":
-        """Global encoder checkpoint + the bank's private head; errors name the file."""
-        if not state_dir.is_dir():
-            raise CheckpointError(f"{state_dir}: bank state directory not found")
-        checkpoint = load_encoder_checkpoint(encoder_dir)
-        model = checkpoint.build_model()
-        BankState(state_dir).load_head(model, checkpoint.schema.fingerprint)
-        return cls(checkpoint.schema, model)
+        """The model the bank chose to serve for this global encoder, calibrated; errors name
+        the file. Without a choice for it: the encoder with the bank's private head, as is."""
+        from client.model_choice import served_model
+
+        served = served_model(state_dir, encoder_dir)
+        return cls(served.checkpoint.schema, served.model, served.card)
 
     # --- one application -------------------------------------------------------------
 

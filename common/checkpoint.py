@@ -4,6 +4,8 @@ Layout of a checkpoint directory:
     encoder.npz   the encoder's arrays (numpy, no pickle)
     schema.json   the feature schema fitted on public data
     model.json    model config, schema fingerprint and provenance
+    source_head.npz  (a pretrained checkpoint) the public source head: encoder + this head
+                  is the public model
 All files are written atomically; the schema fingerprint ties weights to their schema.
 """
 
@@ -26,6 +28,7 @@ from common.shared_weights import load_shared_arrays
 ENCODER_FILE = "encoder.npz"
 SCHEMA_FILE = "schema.json"
 MODEL_FILE = "model.json"
+SOURCE_HEAD_FILE = "source_head.npz"
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,15 @@ def load_encoder_checkpoint(directory: Path) -> EncoderCheckpoint:
     checkpoint = EncoderCheckpoint(schema, model_config, arrays, dict(meta.get("info", {})))
     checkpoint.build_model()  # proves the arrays fit this schema and model shape
     return checkpoint
+
+
+def load_source_head(directory: Path) -> OrderedDict[str, np.ndarray] | None:
+    """The public source head written by pretraining, if present; corrupt is a `CheckpointError`."""
+    path = directory / SOURCE_HEAD_FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return OrderedDict((key, npz[key]) for key in npz.files)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{path}: corrupt source head ({exc})") from None

@@ -34,6 +34,20 @@ def predict_proba(model: nn.Module, table: EncodedTable, batch_size: int = 8192)
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, table: EncodedTable, batch_size: int = 8192) -> np.ndarray:
+    """Log-odds of default for every row (float64), in eval mode: what calibration refits."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(table.numeric), batch_size):
+        numeric = torch.from_numpy(table.numeric[start : start + batch_size])
+        categorical = torch.from_numpy(table.categorical[start : start + batch_size])
+        out.append(model(numeric, categorical).numpy().astype(np.float64))
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+
+
+@torch.no_grad()
 def representations(encoder: nn.Module, table: EncodedTable, batch_size: int = 8192) -> np.ndarray:
     """The encoder's output for every row (used for transfer checks and baselines)."""
     was_training = encoder.training

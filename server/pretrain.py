@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from common.atomic import write_atomically, write_json_atomically
-from common.checkpoint import save_encoder_checkpoint
+from common.checkpoint import SOURCE_HEAD_FILE, save_encoder_checkpoint
 from common.config import PretrainConfig
 from common.errors import ConfigError, DataError
 from common.metrics import credit_metrics
@@ -29,7 +29,6 @@ from common.shared_weights import shared_arrays
 from common.tensors import as_dataset, predict_proba
 
 METRICS_FILE = "pretrain_metrics.json"
-SOURCE_HEAD_FILE = "source_head.npz"
 _MIN_PUBLIC_ROWS = 50
 
 

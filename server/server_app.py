@@ -6,20 +6,18 @@ Its settings come from the run config (`[tool.flwr.app.config]` or `flwr run
 """
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.checkpoint import load_encoder_checkpoint
+from common.checkpoint import load_source_head as load_source_head  # its home used to be here
 from common.config import FederationConfig, TrainPlanConfig
 from common.errors import ConfigError
 from server.federation import run_federation
-from server.pretrain import SOURCE_HEAD_FILE
 
 log = logging.getLogger("fedfin.server")
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -58,15 +56,6 @@ def federation_config_from_run_config(run_config: dict[str, Any]) -> FederationC
             learning_rate=get("learning-rate", float, plan.learning_rate),
         ),
     )
-
-
-def load_source_head(encoder_dir: Path) -> OrderedDict[str, np.ndarray] | None:
-    """The public source head written by pretraining, if present."""
-    path = encoder_dir / SOURCE_HEAD_FILE
-    if not path.exists():
-        return None
-    with np.load(path, allow_pickle=False) as npz:
-        return OrderedDict((key, npz[key]) for key in npz.files)
 
 
 def run_server(grid: Grid, config: FederationConfig, on_round: RoundCallback | None = None) -> None:

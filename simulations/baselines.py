@@ -11,13 +11,12 @@ from pathlib import Path
 
 from client.bank_settings import BankSettings
 from client.bank_worker import evaluate_round, train_round
-from common.checkpoint import EncoderCheckpoint
+from common.checkpoint import EncoderCheckpoint, load_source_head
 from common.config import TrainPlanConfig
 from common.errors import PrivacyBudgetError
 from common.model import build_model
 from common.protocol import RoundInstructions
 from common.shared_weights import shared_arrays
-from server.server_app import load_source_head
 
 
 def train_alone(

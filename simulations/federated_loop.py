@@ -187,7 +187,11 @@ def train_round_without_dp(
     """
     state = BankState(settings.state_dir)
     train, _ = load_bank_data(
-        settings.data_path, instructions.schema, settings.test_fraction, state.split_key()
+        settings.data_path,
+        instructions.schema,
+        settings.test_fraction,
+        state.split_key(),
+        settings.validation_fraction,
     )
     model = bank_model(settings, state, instructions, encoder, source_head)
     plan = instructions.plan

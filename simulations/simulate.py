@@ -30,7 +30,7 @@ from flwr.clientapp.typing import Mod
 
 from client.bank_state import BankState
 from common.atomic import write_json_atomically
-from common.checkpoint import load_encoder_checkpoint
+from common.checkpoint import load_encoder_checkpoint, load_source_head
 from common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
 from common.errors import ConfigError, FedfinError
 from common.ledger import PrivacyLedger
@@ -39,7 +39,7 @@ from common.partition import FederatedSplit
 from common.sources import DataSource
 from common.tensors import predict_proba
 from server.pretrain import SOURCE_HEAD_FILE, pretrain
-from server.server_app import build_server_app, load_source_head
+from server.server_app import build_server_app
 from simulations.simulated_banks import SimulatedBanks, lay_out_banks
 
 MANIFEST = "run.json"

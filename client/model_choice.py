@@ -1,0 +1,370 @@
+"""Which model a bank serves: the public one or the federated one, chosen on its own rows.
+
+No bank should end up worse off for joining: at ε = 1 and ~880 loans a bank, DP federation
+can fall below the public model (public encoder + the source head shipped with it). So the
+bank compares the two on its validation rows (a keyed slice of its training rows, left out
+of DP training and disjoint from its test rows: client/bank_data.py), serves the federated
+model only if its validation AUC is higher, and recalibrates the served model's
+probabilities (client/calibration.py) on all of its non-test rows: validation and training.
+
+Why the calibration does not use the validation rows alone: a Lending Club bank's ~180
+validation rows hold 4 to 12 defaults, so their default rate alone is off the bank's by up
+to 50%, and a calibration fitted on them inherited that (mean predicted PD 41% below the
+observed rate on one bank's test rows, 30% above on another). Adding the ~700 training rows
+brought every bank within 8%. The public model never saw those rows; the federated model saw
+them only through DP-SGD, which bounds how much any one row moves its own score. The choice
+itself stays on validation rows only: it compares a model that trained on the training rows
+with one that did not, and only rows neither trained on compare them fairly. The test rows
+are used for neither, only to report.
+
+All of it happens inside the bank and is written to its state directory only:
+    serving.json        the choice, both models' validation and test metrics, the calibration
+    reliability.png     predicted default probability against the observed rate, test rows
+    evaluations.jsonl   one "serving-choice" record (the bank's local report)
+Nothing here is released, so nothing is charged; if any of it (a metric, the calibration)
+were ever sent, it would need a DP mechanism and a charge in the ledger.
+
+`served_model` rebuilds what `serving.json` names for `fedfin score` and `fedfin serve`.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.bank_data import load_bank_splits
+from client.bank_settings import BankSettings
+from client.bank_state import BankState
+from client.bank_worker import encoder_sha256
+from client.calibration import PlattCalibration, fit_platt, fold_calibration
+from common.atomic import write_atomically, write_json_atomically
+from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_source_head
+from common.errors import CheckpointError, ConfigError
+from common.metrics import ReliabilityBin, credit_metrics, reliability_table
+from common.model import CreditModel
+from common.schema import EncodedTable
+from common.tensors import predict_logits
+
+SERVING_FILE = "serving.json"
+RELIABILITY_PLOT = "reliability.png"
+PUBLIC = "public"
+FEDERATED = "federated"
+SERVING_CHOICE = "serving-choice"  # the kind of its record in evaluations.jsonl
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model a bank serves (calibration already folded in) and its model card."""
+
+    checkpoint: EncoderCheckpoint
+    model: CreditModel
+    card: dict[str, Any]
+
+
+def public_model(public_dir: Path) -> tuple[EncoderCheckpoint, CreditModel]:
+    """The public model: the pretrained encoder and the source head shipped with it."""
+    checkpoint = load_encoder_checkpoint(public_dir)
+    head = load_source_head(public_dir)
+    if head is None:
+        raise CheckpointError(f"{public_dir}: no source_head.npz; not a pretrained checkpoint")
+    model = checkpoint.build_model()
+    _load_head_arrays(model, head, public_dir)
+    return checkpoint, model
+
+
+def federated_model(state: BankState, encoder_dir: Path) -> tuple[EncoderCheckpoint, CreditModel]:
+    """The federated model: a global encoder and this bank's private head."""
+    checkpoint = load_encoder_checkpoint(encoder_dir)
+    model = checkpoint.build_model()
+    state.load_head(model, checkpoint.schema.fingerprint)
+    return checkpoint, model
+
+
+def choose_served_model(
+    settings: BankSettings, public_dir: Path, federated_dir: Path
+) -> dict[str, Any]:
+    """Choose, calibrate, and record in the bank's state directory; returns `serving.json`.
+
+    The federated model is served only if its validation AUC is strictly higher (a tie, or a
+    validation slice with one class, keeps the public model: it used none of the bank's data).
+    """
+    state = BankState(settings.state_dir)
+    public_checkpoint, public = public_model(public_dir)
+    federated_checkpoint, federated = federated_model(state, federated_dir)
+    schema = federated_checkpoint.schema
+    if public_checkpoint.schema.fingerprint != schema.fingerprint:
+        raise CheckpointError(
+            f"{federated_dir}: its schema is not the public checkpoint's ({public_dir})"
+        )
+    if settings.validation_fraction <= 0:
+        raise ConfigError("validation-fraction is 0: no rows to choose the served model on")
+    splits = load_bank_splits(
+        settings.data_path,
+        schema,
+        settings.test_fraction,
+        state.split_key(),
+        settings.validation_fraction,
+    )
+    train, validation, test = splits.train, splits.validation, splits.test
+    assert train.label is not None and validation.label is not None and test.label is not None
+    logits = {
+        name: (predict_logits(model, validation), predict_logits(model, test))
+        for name, model in ((PUBLIC, public), (FEDERATED, federated))
+    }
+    on_validation = {
+        name: credit_metrics(validation.label, _sigmoid(v)) for name, (v, _) in logits.items()
+    }
+    served_model_of = {PUBLIC: public, FEDERATED: federated}
+    served, reason = _choice(on_validation[PUBLIC]["auc"], on_validation[FEDERATED]["auc"])
+    calibration = fit_platt(
+        np.concatenate([logits[served][0], predict_logits(served_model_of[served], train)]),
+        np.concatenate([validation.label, train.label]),
+    )
+    served_test = calibration.probabilities(logits[served][1])
+    reliability = reliability_table(test.label, served_test)
+    record = {
+        "version": _VERSION,
+        "bank": settings.name,
+        "served": served,
+        "reason": reason,
+        "public_encoder": _encoder_entry(public_dir, public_checkpoint),
+        "federated_encoder": _encoder_entry(federated_dir, federated_checkpoint),
+        "head_sha256": _file_sha256(state.head_path),
+        "schema_fingerprint": schema.fingerprint,
+        "calibration": {**calibration.to_dict(), "fitted_on": "validation and training rows"},
+        "validation": {
+            **_slice_counts(validation),
+            PUBLIC: _finite(on_validation[PUBLIC]),
+            FEDERATED: _finite(on_validation[FEDERATED]),
+        },
+        "test": {
+            **_slice_counts(test),
+            PUBLIC: _finite(credit_metrics(test.label, _sigmoid(logits[PUBLIC][1]))),
+            FEDERATED: _finite(credit_metrics(test.label, _sigmoid(logits[FEDERATED][1]))),
+            "served": _finite(credit_metrics(test.label, served_test)),
+        },
+        "train_rows": len(splits.train.numeric),
+        "reliability_test": [_finite(vars(b)) for b in reliability],
+    }
+    write_json_atomically(state.dir / SERVING_FILE, record)
+    write_reliability_plot(state.dir / RELIABILITY_PLOT, reliability, settings.name, served)
+    state.append_evaluation({"kind": SERVING_CHOICE, **_without(record, "reliability_test")})
+    return record
+
+
+def _choice(public_auc: float, federated_auc: float) -> tuple[str, str]:
+    if not (np.isfinite(public_auc) and np.isfinite(federated_auc)):
+        return PUBLIC, "the validation slice holds one class: no comparison, keep the public model"
+    if federated_auc > public_auc:
+        return FEDERATED, "higher validation AUC than the public model"
+    return PUBLIC, "the federated model's validation AUC is not higher"
+
+
+def serving_record(state_dir: Path) -> dict[str, Any] | None:
+    """The bank's recorded choice (`serving.json`), or None if it has not chosen yet."""
+    path = state_dir / SERVING_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable serving choice ({exc})") from None
+    if not isinstance(record, dict) or record.get("version") != _VERSION:
+        raise CheckpointError(f"{path}: not a fedfin serving choice (version {_VERSION})")
+    return record
+
+
+def served_model(state_dir: Path, encoder_dir: Path) -> ServedModel:
+    """What the bank serves with the global encoder `encoder_dir`.
+
+    If the bank chose for exactly this encoder and its current private head, that choice
+    (public or federated, calibrated); otherwise the encoder with the private head,
+    uncalibrated, and a card that says so.
+    """
+    if not state_dir.is_dir():
+        raise CheckpointError(f"{state_dir}: bank state directory not found")
+    state = BankState(state_dir)
+    checkpoint, federated = federated_model(state, encoder_dir)
+    record = serving_record(state_dir)
+    if record is None or not _chosen_for(record, checkpoint, state):
+        note = (
+            "no serving choice yet"
+            if record is None
+            else "the serving choice was made for another encoder or head"
+        )
+        card = {
+            "served": FEDERATED,
+            "validated": False,
+            "note": f"{note}: serving this encoder with the private head, uncalibrated "
+            "(run `fedfin choose-model`)",
+            "encoder": str(encoder_dir),
+        }
+        return ServedModel(checkpoint, federated, card)
+    calibration = PlattCalibration.from_dict(record["calibration"])
+    if record["served"] == PUBLIC:
+        entry = record["public_encoder"]
+        checkpoint, model = public_model(Path(entry["path"]))
+        if encoder_sha256(checkpoint.arrays) != entry["sha256"]:
+            raise CheckpointError(
+                f"{entry['path']}: the public encoder changed since the bank chose it; "
+                "run `fedfin choose-model` again"
+            )
+    else:
+        model = federated
+    fold_calibration(model, calibration)
+    card = {
+        "served": record["served"],
+        "validated": True,
+        "reason": record["reason"],
+        "encoder": record[f"{record['served']}_encoder"]["path"],
+        "calibration": record["calibration"],
+        "validation": record["validation"],
+        "test": record["test"],
+        "reliability_test": record["reliability_test"],
+    }
+    return ServedModel(checkpoint, model, card)
+
+
+def _chosen_for(record: dict[str, Any], checkpoint: EncoderCheckpoint, state: BankState) -> bool:
+    return bool(
+        record.get("federated_encoder", {}).get("sha256") == encoder_sha256(checkpoint.arrays)
+        and record.get("head_sha256") == _file_sha256(state.head_path)
+    )
+
+
+# --- for people ---------------------------------------------------------------------------
+
+
+def model_card_text(card: dict[str, Any]) -> str:
+    """The model card `fedfin score` prints: what is served, why, and how well it is calibrated."""
+    if not card.get("validated"):
+        return f"model card: {card['note']}"
+    validation, test = card["validation"], card["test"]
+    calibration = card["calibration"]
+    lines = [
+        f"model card: serving the {card['served']} model ({card['encoder']})",
+        f"  chosen on {validation['rows']} validation rows ({validation['defaults']} defaults): "
+        f"{card['reason']}",
+        f"  validation AUC: public {_auc(validation[PUBLIC])}, "
+        f"federated {_auc(validation[FEDERATED])}",
+        f"  test AUC ({test['rows']} rows, {test['defaults']} defaults): "
+        f"public {_auc(test[PUBLIC])}, federated {_auc(test[FEDERATED])}, "
+        f"served {_auc(test['served'])}",
+        f"  calibration: Platt on {calibration['rows']} non-test rows, logit x "
+        f"{calibration['slope']:.3f} "
+        f"{calibration['intercept']:+.3f}; on test, mean predicted default probability "
+        f"{test['served']['mean-pd']:.4f} against an observed rate of "
+        f"{test['served']['default-rate']:.4f}",
+        "  reliability on test (equal-count bins of predicted probability):",
+        reliability_text(card["reliability_test"], indent="    "),
+    ]
+    return "\n".join(lines)
+
+
+def reliability_text(bins: list[dict[str, Any]] | list[ReliabilityBin], indent: str = "") -> str:
+    """A reliability table: each bin's rows, defaults, mean predicted PD, observed rate."""
+    rows = [vars(b) if isinstance(b, ReliabilityBin) else b for b in bins]
+    header = ("PD from", "PD to", "rows", "defaults", "mean PD", "observed")
+    cells = [
+        (
+            f"{r['low']:.4f}",
+            f"{r['high']:.4f}",
+            str(r["rows"]),
+            str(r["defaults"]),
+            f"{r['mean_pd']:.4f}",
+            f"{r['observed_rate']:.4f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+    lines = [indent + "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines += [
+        indent + "  ".join(c.rjust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells
+    ]
+    return "\n".join(lines)
+
+
+def write_reliability_plot(
+    path: Path, bins: list[ReliabilityBin], title: str, served: str = ""
+) -> None:
+    """Mean predicted default probability against the observed rate per bin, with counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 5))
+    predicted = [b.mean_pd for b in bins]
+    observed = [b.observed_rate for b in bins]
+    top = max([*predicted, *observed, 0.01]) * 1.1
+    axes.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=0.8, label="perfect")
+    axes.plot(predicted, observed, marker="o", label="bins (equal counts)")
+    for b in bins:
+        axes.annotate(f"{b.defaults}/{b.rows}", (b.mean_pd, b.observed_rate), fontsize=7)
+    axes.set_xlim(0, top)
+    axes.set_ylim(0, top)
+    axes.set_xlabel("mean predicted default probability")
+    axes.set_ylabel("observed default rate")
+    axes.set_title(f"{title}: reliability" + (f" of the {served} model" if served else ""))
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+
+    def save(tmp: Path) -> None:
+        figure.savefig(tmp, format="png", dpi=110)
+
+    write_atomically(path, save)
+    plt.close(figure)
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def _load_head_arrays(model: CreditModel, head: dict[str, np.ndarray], where: Path) -> None:
+    import torch
+
+    try:
+        model.head.load_state_dict(
+            {k: torch.from_numpy(np.asarray(v, dtype=np.float32).copy()) for k, v in head.items()}
+        )
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"{where}: source head does not fit the model ({first})") from None
+
+
+def _encoder_entry(directory: Path, checkpoint: EncoderCheckpoint) -> dict[str, str]:
+    return {"path": str(directory.absolute()), "sha256": encoder_sha256(checkpoint.arrays)}
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def _slice_counts(table: EncodedTable) -> dict[str, int]:
+    assert table.label is not None
+    return {"rows": len(table.label), "defaults": int(table.label.sum())}
+
+
+def _finite(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON without NaN: a metric that does not exist (one class) is null."""
+    return {
+        k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()
+    }
+
+
+def _without(record: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != key}
+
+
+def _auc(metrics: dict[str, Any]) -> str:
+    auc, low, high = metrics.get("auc"), metrics.get("auc-ci-low"), metrics.get("auc-ci-high")
+    if auc is None:
+        return "n/a"
+    return f"{auc:.4f} [{low:.3f}, {high:.3f}]" if low is not None else f"{auc:.4f}"
