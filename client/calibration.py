@@ -42,7 +42,7 @@ class PlattCalibration:
         return self.slope * np.asarray(logits, dtype=np.float64) + self.intercept
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.logits(logits)))
+        return _sigmoid(self.logits(logits))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,18 +82,34 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> PlattCalibration:
 def _newton(
     design: np.ndarray, target: np.ndarray, start: np.ndarray, offset: np.ndarray | None = None
 ) -> np.ndarray:
-    """Maximise the Bernoulli log-likelihood of `target` under sigmoid(design @ w + offset)."""
+    """Maximise the Bernoulli log-likelihood of `target` under sigmoid(design @ w + offset):
+    Newton steps, each halved until the likelihood does not fall (plain Newton can overshoot
+    from a start far off, e.g. a model that predicts a seventh of the defaults)."""
     w = start.astype(np.float64)
     base = np.zeros(len(target)) if offset is None else offset
+
+    def log_likelihood(weights: np.ndarray) -> float:
+        z = design @ weights + base
+        return float(np.sum(target * z - np.logaddexp(0.0, z)))
+
+    current = log_likelihood(w)
     for _ in range(_MAX_NEWTON_STEPS):
-        p = 1.0 / (1.0 + np.exp(-(design @ w + base)))
+        p = _sigmoid(design @ w + base)
         gradient = design.T @ (target - p)
         hessian = (design * (p * (1 - p))[:, None]).T @ design + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(hessian, gradient)
-        w = w + step
-        if np.max(np.abs(step)) < 1e-10:
+        scale = 1.0
+        while scale > 1e-8 and log_likelihood(w + scale * step) < current - 1e-12:
+            scale /= 2
+        w = w + scale * step
+        current = log_likelihood(w)
+        if np.max(np.abs(scale * step)) < 1e-10:
             break
     return w
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
 
 
 def fold_calibration(model: CreditModel, calibration: PlattCalibration) -> None:

@@ -72,6 +72,10 @@ def create_app(
             "features": list(scorer.feature_names),
             "schema_fingerprint": scorer.schema.fingerprint,
             "explain": explainer is not None,
+            # which model the bank chose to serve (public or federated), and whether that
+            # choice and its calibration were made for this encoder (`fedfin choose-model`)
+            "served_model": scorer.card.get("served", "federated"),
+            "calibrated": bool(scorer.card.get("validated")),
         }
 
     @app.post("/score")

@@ -1,8 +1,11 @@
-"""`fedfin score`, `fedfin explain` and `fedfin serve`: the bank's model at work, inside the bank.
+"""`fedfin choose-model`, `score`, `explain` and `serve`: the bank's model at work, inside the bank.
 
 Each takes the bank's state directory (its private head) and the global encoder checkpoint
-(e.g. RUN/final or RUN/global/round-NNN). Nothing is sent anywhere. Bad input raises a
-`FedfinError`, which the main CLI prints as one line with its exit code.
+(e.g. RUN/final or RUN/global/round-NNN). `choose-model` compares that federated model with
+the public one on the bank's validation rows and records the choice and its calibration in
+the state directory; `score`, `explain` and `serve` then use the chosen, calibrated model.
+Nothing is sent anywhere. Bad input raises a `FedfinError`, which the main CLI prints as one
+line with its exit code.
 """
 
 import argparse
@@ -77,7 +80,36 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
-    """Add `score`, `explain` and `serve` to the `fedfin` command line."""
+    """Add `choose-model`, `score`, `explain` and `serve` to the `fedfin` command line."""
+    choose = commands.add_parser(
+        "choose-model",
+        help="choose the model this bank serves (public or federated) and calibrate it",
+        description=(
+            "Compare the federated model (--encoder with this bank's private head) with the "
+            "public one (--public-encoder with its source head) on the bank's validation rows, "
+            "keep the one with the higher AUC (a tie keeps the public model), fit a Platt "
+            "calibration on the bank's non-test rows, and write serving.json, reliability.png "
+            "and a record in evaluations.jsonl to --state-dir. Use the bank's own data-path, "
+            "test-fraction and validation-fraction (its node config): the split must be the one "
+            "it trained with. Nothing is sent; runs offline."
+        ),
+    )
+    _add_model_flags(choose)
+    choose.add_argument(
+        "--public-encoder",
+        type=Path,
+        required=True,
+        help="the pretrained checkpoint (with source_head.npz), e.g. RUN/pretrained",
+    )
+    choose.add_argument("--data", type=Path, required=True, help="the bank's data-path")
+    choose.add_argument(
+        "--test-fraction", type=_number("--test-fraction", 0.0, 1.0), default=0.25
+    )
+    choose.add_argument(
+        "--validation-fraction", type=_number("--validation-fraction", 0.0, 1.0), default=0.2
+    )
+    choose.set_defaults(run=run_choose_model)
+
     score = commands.add_parser(
         "score",
         help="score applications with the global encoder and this bank's private head",
@@ -179,15 +211,38 @@ def write_table(path: Path, frame: "pd.DataFrame") -> None:
         write_atomically(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
+def run_choose_model(args: argparse.Namespace) -> int:
+    from client.bank_settings import BankSettings
+    from client.model_choice import choose_served_model, model_card_text, served_model
+    from common.config import PrivacyPolicy
+
+    _set_threads(args.threads)
+    settings = BankSettings(
+        name=args.state_dir.name,
+        data_path=args.data,
+        state_dir=args.state_dir,
+        policy=PrivacyPolicy(),  # not used: choosing releases nothing and spends nothing
+        test_fraction=args.test_fraction,
+        validation_fraction=args.validation_fraction,
+    )
+    choose_served_model(settings, args.public_encoder, args.encoder)
+    print(model_card_text(served_model(args.state_dir, args.encoder).card))
+    print(f"recorded in {args.state_dir} (serving.json, reliability.png, evaluations.jsonl)")
+    return 0
+
+
 def run_score(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from client.model_choice import model_card_text, reliability_text, write_reliability_plot
     from client.scoring import Scorer
+    from common.metrics import reliability_table
     from common.tables import read_table
 
     _check_table_path("--out", args.out)
     _set_threads(args.threads)
     scorer = Scorer.load(args.state_dir, args.encoder)
+    print(model_card_text(scorer.card))
     frame = read_table(args.data)
     added = [PROBABILITY_COLUMN] + ([DECISION_COLUMN] if args.threshold is not None else [])
     for column in added:
@@ -203,6 +258,18 @@ def run_score(args: argparse.Namespace) -> int:
         summary += f"; {int(declined.sum())} at or above {args.threshold:g} (decline)"
     write_table(args.out, scored)
     print(f"scored {len(frame)} applications ({summary}) -> {args.out}")
+    label = scorer.schema.label
+    if label in frame.columns:  # outcomes known (a back-test): how well calibrated on these rows
+        observed = scorer.schema.encode_label(frame[label], str(args.data))
+        bins = reliability_table(observed, probability)
+        plot = args.out.with_name(f"{args.out.stem}-reliability.png")
+        write_reliability_plot(plot, bins, args.data.name)
+        print(
+            f"'{label}' is in the data: observed default rate {observed.mean():.4f} against a "
+            f"mean predicted probability of {probability.mean():.4f}; reliability:"
+        )
+        print(reliability_text(bins, indent="  "))
+        print(f"reliability plot -> {plot}")
     return 0
 
 
@@ -248,11 +315,13 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from client.explain import Explainer
+    from client.model_choice import model_card_text
     from client.scoring import Scorer
     from client.serve import create_app
 
     _set_threads(args.threads)
     scorer = Scorer.load(args.state_dir, args.encoder)
+    print(model_card_text(scorer.card))
     explainer = None if args.no_explain else Explainer(scorer)
     app = create_app(scorer, explainer, args.threshold)
     endpoints = "/score, /health" + ("" if args.no_explain else ", /explain")

@@ -5,6 +5,8 @@ Everything of a run lives in its directory:
     banks/<bank>/data/      each bank's train/test tables (its private data)
     banks/<bank>/state/     each bank's ledger and private head
     banks/<bank>/state/evaluations.jsonl  each bank's own exact evaluations (never sent)
+    banks/<bank>/state/serving.json       each bank's choice of served model, its calibration
+    banks/<bank>/state/reliability.png    and the served model's reliability on test rows
     global/round-NNN/       the global encoder after each round
     rounds.jsonl            the server's summary per round, as it happens
     ledger-anchors.jsonl    the server's record of every reply's ledger head (for the audit)
@@ -16,6 +18,10 @@ AUC a simulation prints per round and in its final table is read from those repo
 is legitimate only because a simulation plays every bank: each figure is a bank reading its
 own report, nothing crosses the federation, and the server's record (rounds.jsonl) holds no
 exact metric. In a deployment each bank reads its own report the same way.
+
+After the last round each bank chooses the model it serves (public or federated, on its own
+validation rows) and calibrates it (client/model_choice.py); the simulation plays each bank
+for that too, and the final table reads the banks' `serving.json`.
 """
 
 import json
@@ -28,7 +34,9 @@ from typing import Any
 
 from flwr.clientapp.typing import Mod
 
+from client.bank_settings import BankSettings
 from client.bank_state import BankState
+from client.model_choice import choose_served_model
 from common.atomic import write_json_atomically
 from common.checkpoint import load_encoder_checkpoint, load_source_head
 from common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
@@ -38,6 +46,7 @@ from common.metrics import credit_metrics
 from common.partition import FederatedSplit
 from common.sources import DataSource
 from common.tensors import predict_proba
+from server.federation import FINAL_DIR
 from server.pretrain import SOURCE_HEAD_FILE, pretrain
 from server.server_app import build_server_app
 from simulations.simulated_banks import SimulatedBanks, lay_out_banks
@@ -111,7 +120,11 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
             f"the simulation stopped after {len(rounds)} of {federation.num_rounds} rounds; "
             "run the same command again to resume, or add --verbose to see Flower's log"
         )
-    report = _report(request, split, banks, before, epsilon_at_start, rounds, started, checkpoint)
+    echo("each bank chooses its served model on its validation rows and calibrates it ...")
+    choices = {b.name: _bank_choice(b, encoder_dir, out / FINAL_DIR) for b in banks.banks}
+    report = _report(
+        request, split, banks, before, epsilon_at_start, rounds, started, checkpoint, choices
+    )
     write_json_atomically(out / REPORT, report)
     return report
 
@@ -131,6 +144,17 @@ def public_model_metrics(encoder_dir: Path, split: FederatedSplit) -> dict[str, 
         test = checkpoint.schema.transform(bank.test, f"{bank.name} test")
         out[bank.name] = credit_metrics(test.label, predict_proba(model, test))  # type: ignore[arg-type]
     return out
+
+
+def _bank_choice(
+    settings: BankSettings, public_dir: Path, federated_dir: Path
+) -> dict[str, Any] | None:
+    """The bank's own choice of served model (played here, as the bank would run it)."""
+    try:
+        return choose_served_model(settings, public_dir, federated_dir)
+    except FedfinError as exc:  # e.g. a bank that never trained has no head to compare
+        logging.getLogger("fedfin").warning("%s: no serving choice (%s)", settings.name, exc)
+        return None
 
 
 def _run_flower_simulation(
@@ -244,18 +268,24 @@ def _report(
     rounds: list[dict[str, Any]],
     started: float,
     checkpoint: Any,
+    choices: dict[str, dict[str, Any] | None],
 ) -> dict[str, Any]:
     last = rounds[-1]["per_bank"]  # the last round's evaluation is of the final encoder
     per_bank = {}
     for settings, bank in zip(banks.banks, split.banks, strict=True):
         after = last.get(settings.name, {})
+        public = before[settings.name]
+        choice = choices.get(settings.name)
         per_bank[settings.name] = {
             "groups": list(bank.groups),
             "train_rows": len(bank.train),
             "test_rows": len(bank.test),
-            "auc_public_model": before[settings.name]["auc"],
+            "test_defaults": int(public["defaults"]),
+            "auc_public_model": public["auc"],
+            "auc_public_model_ci": [public["auc-ci-low"], public["auc-ci-high"]],
             "auc_federated": after.get("auc"),
             "ks_federated": after.get("ks"),
+            **(_choice_columns(choice) if choice else {}),
             "epsilon_at_start": epsilon_at_start[settings.name],
             "epsilon_spent": _ledger_epsilon(settings.state_dir, request.policy),
             "epsilon_budget": settings.policy.epsilon_budget,
@@ -277,6 +307,33 @@ def _report(
         "rounds": rounds,
         "per_bank": per_bank,
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _choice_columns(choice: dict[str, Any]) -> dict[str, Any]:
+    """The bank's serving choice, as report.json's per-bank fields (from its serving.json)."""
+    test, validation = choice["test"], choice["validation"]
+
+    def ci(metrics: dict[str, Any]) -> list[float | None]:
+        return [metrics.get("auc-ci-low"), metrics.get("auc-ci-high")]
+
+    return {
+        "dp_train_rows": choice["train_rows"],
+        "validation_rows": validation["rows"],
+        "validation_defaults": validation["defaults"],
+        "auc_federated": test["federated"]["auc"],
+        "auc_federated_ci": ci(test["federated"]),
+        "served": choice["served"],
+        "served_reason": choice["reason"],
+        "validation_auc_public_model": validation["public"]["auc"],
+        "validation_auc_federated": validation["federated"]["auc"],
+        "auc_served": test["served"]["auc"],
+        "auc_served_ci": ci(test["served"]),
+        "mean_pd_served": test["served"]["mean-pd"],
+        "mean_pd_served_uncalibrated": test[choice["served"]]["mean-pd"],
+        "default_rate_test": test["served"]["default-rate"],
+        "calibration": choice["calibration"],
+        "serving_source": "the bank's own serving.json (banks/<bank>/state/serving.json)",
     }
 
 

@@ -19,10 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 import client.dp_training as dp_training
-from client.bank_data import load_bank_tables
-from client.bank_settings import BankSettings
+from client.bank_data import keyed_validation_mask, load_bank_tables
+from client.bank_settings import BankSettings, settings_from_node_config
 from client.bank_state import BankState
 from client.bank_worker import train_round
+from client.model_choice import choose_served_model
 from client.release_guard import release_guard
 from common.accounting import DpEvent
 from common.audit import dp_accounting_epsilon
@@ -316,6 +317,63 @@ def test_removing_one_loan_from_a_single_file_moves_only_that_loan(
     loans.to_csv(path, index=False)
     (_, _), (other_test, _) = load_bank_tables(path, label, 0.25, other_key)
     assert set(other_test.astype(str).agg("|".join, axis=1)) != test
+
+
+def test_the_validation_slice_is_keyed_apart_from_test_and_moves_only_the_removed_loan(
+    pretrained: Pretrained, tmp_path: Path
+) -> None:
+    """As `load_bank_splits` takes it: a second keyed hash over the training side only."""
+    bank = pretrained.split.banks[0]
+    loans = pd.concat([bank.train, bank.test], ignore_index=True)
+    key = BankState(tmp_path / "state").split_key()
+    label = pretrained.source.label
+
+    def split(frame: pd.DataFrame) -> tuple[set[str], ...]:
+        path = tmp_path / "loans.csv"
+        frame.to_csv(path, index=False)
+        (train, _), (test, _) = load_bank_tables(path, label, 0.25, key)
+        validation = keyed_validation_mask(train, key, 0.2)
+        return tuple(
+            set(part.astype(str).agg("|".join, axis=1))
+            for part in (train[~validation], train[validation], test)
+        )
+
+    train, validation, test = split(loans)
+    assert not validation & test and not validation & train
+    assert 0.12 < len(validation) / len(loans) < 0.2  # 20% of the 75% training side
+    assert split(loans.sample(frac=1.0, random_state=5)) == (train, validation, test)
+    for removed in (0, 17, len(loans) - 1):
+        fewer = split(loans.drop(index=removed))
+        moved = sum(len(a ^ b) for a, b in zip((train, validation, test), fewer, strict=True))
+        assert moved == 1
+
+
+def test_the_serving_choice_stays_in_the_bank_and_is_not_charged(
+    pretrained: Pretrained, checkpoint: EncoderCheckpoint, data: Path, tmp_path: Path
+) -> None:
+    """Choice, validation metrics and calibration are local: no reply carries any of them."""
+    context = bank_context(data, tmp_path / "state")
+    assert status(send(train_message(checkpoint), context)) == "ok"
+    settings = settings_from_node_config(dict(context.node_config))
+    choice = choose_served_model(settings, pretrained.checkpoint_dir, pretrained.checkpoint_dir)
+    entries = PrivacyLedger(tmp_path / "state").entries()
+    reply = send(train_message(checkpoint, message_type="evaluate"), context)
+    assert set(reply.content.keys()) == {"metrics", "status"}
+    assert dict(reply.content.metric_records["metrics"]) == {
+        EPSILON: entries[-1]["epsilon_cumulative"]
+    }
+    private = {
+        choice["calibration"]["slope"],
+        choice["calibration"]["intercept"],
+        choice["validation"]["public"]["auc"],
+        choice["validation"]["federated"]["auc"],
+    }
+    sent = [*reply.content.metric_records["metrics"].values()]
+    sent += [*reply.content.config_records["status"].values()]
+    assert not private & set(sent)
+    after = PrivacyLedger(tmp_path / "state").entries()
+    assert [e["kind"] for e in after[len(entries) :]] == ["evaluate"]  # the choice: no entry
+    assert after[-1]["epsilon_cumulative"] == entries[-1]["epsilon_cumulative"]
 
 
 def test_the_split_key_is_readable_only_by_the_bank(tmp_path: Path) -> None:

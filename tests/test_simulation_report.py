@@ -86,3 +86,31 @@ def test_the_final_table_says_where_the_federated_auc_comes_from() -> None:
     }
     table = bank_table({"per_bank": {"bank-a": bank}})
     assert "0.7000" in table and "bank's local report" in table
+
+
+def test_the_final_table_shows_defaults_intervals_the_served_model_and_calibration() -> None:
+    bank = {
+        "train_rows": 874,
+        "dp_train_rows": 700,
+        "test_rows": 292,
+        "test_defaults": 17,
+        "auc_public_model": 0.6971,
+        "auc_public_model_ci": [0.555, 0.839],
+        "auc_federated": 0.6845,
+        "auc_federated_ci": [0.536, 0.833],
+        "served": "public",
+        "validation_auc_public_model": 0.82,
+        "validation_auc_federated": 0.81,
+        "auc_served": 0.6971,
+        "auc_served_ci": [0.555, 0.839],
+        "mean_pd_served": 0.0601,
+        "default_rate_test": 0.0582,
+        "epsilon_spent": 0.996,
+        "epsilon_budget": 1.0,
+    }
+    table = bank_table({"per_bank": {"bank-a": bank}})
+    row = table.splitlines()[2]
+    assert "700" in row and "292 (17)" in row
+    assert "0.6971 [0.555-0.839]" in row and "0.6845 [0.536-0.833]" in row
+    assert "public (0.820/0.810)" in row and "0.0601" in row and "0.0582" in row
+    assert "DeLong" in table
