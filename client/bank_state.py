@@ -5,8 +5,11 @@
     head.json      which schema and model shape the head belongs to
     plan.json      the noise multiplier calibrated for the current run
     split.key      the secret key of the keyed train/test split (mode 0600)
-    evaluations.jsonl  exact metrics of every encoder evaluated here: the bank's own
-                   report, never sent (see `append_evaluation`)
+    evaluations.jsonl  exact metrics of every encoder evaluated here, and each choice of
+                   served model: the bank's own report, never sent (see `append_evaluation`)
+    serving.json   which model the bank serves (public or federated), why, its calibration
+    reliability.png  the served model's predicted default probability against the observed
+                   rate (serving.json and the plot: client/model_choice.py)
 `context.state` is lost when a run ends or a SuperNode restarts; this directory is not.
 """
 
@@ -175,7 +178,9 @@ class BankState:
     def append_evaluation(self, record: dict[str, Any]) -> None:
         """Add one exact evaluation to the bank's local report (never part of a reply).
 
-        Fields: run_id, federation_id, server_round, encoder_sha256, test_rows, metrics.
+        Fields of a round's evaluation: run_id, federation_id, server_round, encoder_sha256,
+        test_rows, metrics. A choice of served model has `kind` "serving-choice" and the
+        fields of serving.json (client/model_choice.py).
         """
         line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
         with open(self.dir / EVALUATIONS_FILE, "a") as handle:

@@ -102,9 +102,7 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         help="the pretrained checkpoint (with source_head.npz), e.g. RUN/pretrained",
     )
     choose.add_argument("--data", type=Path, required=True, help="the bank's data-path")
-    choose.add_argument(
-        "--test-fraction", type=_number("--test-fraction", 0.0, 1.0), default=0.25
-    )
+    choose.add_argument("--test-fraction", type=_number("--test-fraction", 0.0, 1.0), default=0.25)
     choose.add_argument(
         "--validation-fraction", type=_number("--validation-fraction", 0.0, 1.0), default=0.2
     )
@@ -112,11 +110,14 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
 
     score = commands.add_parser(
         "score",
-        help="score applications with the global encoder and this bank's private head",
+        help="score applications with the model this bank serves (see choose-model)",
         description=(
-            "Validate a CSV/Parquet of applications against the encoder's schema and write it "
-            f"back with a '{PROBABILITY_COLUMN}' column (and '{DECISION_COLUMN}' with "
-            "--threshold) to --out, as CSV or Parquet by its suffix. Runs offline."
+            "Print the model card (which model this bank serves for --encoder, public or "
+            "federated, why, and its calibration), validate a CSV/Parquet of applications "
+            "against the encoder's schema and write it back with a "
+            f"'{PROBABILITY_COLUMN}' column (and '{DECISION_COLUMN}' with --threshold) to "
+            "--out, as CSV or Parquet by its suffix. If --data has the label column, also "
+            "print a reliability table and write <out>-reliability.png. Runs offline."
         ),
     )
     _add_model_flags(score)
@@ -133,11 +134,11 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         "explain",
         help="why applications score as they do: top reasons, charts, global importance",
         description=(
-            "Integrated gradients through encoder and private head, in log-odds of default, "
-            "from a reference applicant (public medians, unknown categories). For each --rows "
-            "application: a table of the top reasons its score is high and a PNG chart; for "
-            "the model: mean |attribution| over a seeded sample of --data, as CSV and PNG. "
-            "Writes to --out; runs offline."
+            "Integrated gradients through the served model (see choose-model), in log-odds of "
+            "default, from a reference applicant (public medians, unknown categories). For "
+            "each --rows application: a table of the top reasons its score is high and a PNG "
+            "chart; for the model: mean |attribution| over a seeded sample of --data, as CSV "
+            "and PNG. Writes to --out; runs offline."
         ),
     )
     _add_model_flags(explain)
