@@ -298,18 +298,30 @@ def write_reliability_plot(
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5.5, 5))
-    predicted = [b.mean_pd for b in bins]
-    observed = [b.observed_rate for b in bins]
-    top = max([*predicted, *observed, 0.01]) * 1.1
+    predicted = np.array([b.mean_pd for b in bins])
+    observed = np.array([b.observed_rate for b in bins])
+    low, high = np.array([_wilson(b.defaults, b.rows) for b in bins]).T
+    top = max(float(predicted.max(initial=0)), float(high.max(initial=0)), 0.01) * 1.05
     axes.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=0.8, label="perfect")
-    axes.plot(predicted, observed, marker="o", label="bins (equal counts)")
-    for b in bins:
-        axes.annotate(f"{b.defaults}/{b.rows}", (b.mean_pd, b.observed_rate), fontsize=7)
+    axes.errorbar(
+        predicted,
+        observed,
+        yerr=[observed - low, high - observed],
+        marker="o",
+        capsize=3,
+        label="equal-count bins, 95% Wilson interval",
+    )
     axes.set_xlim(0, top)
     axes.set_ylim(0, top)
     axes.set_xlabel("mean predicted default probability")
     axes.set_ylabel("observed default rate")
-    axes.set_title(f"{title}: reliability" + (f" of the {served} model" if served else ""))
+    rows, defaults = sum(b.rows for b in bins), sum(b.defaults for b in bins)
+    axes.set_title(
+        f"{title}: reliability"
+        + (f" of the {served} model" if served else "")
+        + f"\n{rows} rows, {defaults} defaults, {len(bins)} bins",
+        fontsize="medium",
+    )
     axes.legend(fontsize="small")
     figure.tight_layout()
 
@@ -321,6 +333,17 @@ def write_reliability_plot(
 
 
 # --- small helpers ------------------------------------------------------------------------
+
+
+def _wilson(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's 95% interval for a binomial rate: sensible at 0 of 29, unlike the normal one."""
+    if trials == 0:
+        return 0.0, 1.0
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials))
+    half /= 1 + z * z / trials
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _load_head_arrays(model: CreditModel, head: dict[str, np.ndarray], where: Path) -> None:
