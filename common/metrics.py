@@ -47,18 +47,45 @@ def auc_confidence_interval(
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan"), float("nan")
-    ranks = _average_ranks(s)
-    auc = (ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    # Per defaulter: the share of non-defaulters scored below it (ties half); and per
-    # non-defaulter: the share of defaulters scored above it.
-    v_pos = (ranks[y] - _average_ranks(s[y])) / n_neg
-    v_neg = 1.0 - (ranks[~y] - _average_ranks(s[~y])) / n_pos
+    auc, v_pos, v_neg = _delong_components(y, s)
     variance = (np.var(v_pos, ddof=1) if n_pos > 1 else 0.0) / n_pos + (
         np.var(v_neg, ddof=1) if n_neg > 1 else 0.0
     ) / n_neg
     z = NormalDist().inv_cdf(0.5 + level / 2)
     half = z * float(np.sqrt(variance))
     return max(0.0, float(auc) - half), min(1.0, float(auc) + half)
+
+
+def _delong_components(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """AUC and DeLong's structural components: per defaulter, the share of non-defaulters
+    scored below it; per non-defaulter, the share of defaulters scored above it (ties half)."""
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    ranks = _average_ranks(s)
+    auc = (ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    v_pos = (ranks[y] - _average_ranks(s[y])) / n_neg
+    v_neg = 1.0 - (ranks[~y] - _average_ranks(s[~y])) / n_pos
+    return float(auc), v_pos, v_neg
+
+
+def paired_auc_difference(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray
+) -> tuple[float, float]:
+    """AUC(b) - AUC(a) on the same rows and DeLong's standard error of that difference.
+
+    The two AUCs share their rows, so their errors are correlated: the variance of the
+    difference uses the covariance of the structural components (DeLong et al. 1988).
+    NaN, NaN with one class only.
+    """
+    y = np.asarray(labels) == 1
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos < 2 or n_neg < 2:
+        return float("nan"), float("nan")
+    auc_a, pos_a, neg_a = _delong_components(y, np.asarray(scores_a, dtype=np.float64))
+    auc_b, pos_b, neg_b = _delong_components(y, np.asarray(scores_b, dtype=np.float64))
+    variance = (
+        float(np.var(pos_b - pos_a, ddof=1)) / n_pos + float(np.var(neg_b - neg_a, ddof=1)) / n_neg
+    )
+    return auc_b - auc_a, float(np.sqrt(max(0.0, variance)))
 
 
 def ks_statistic(labels: np.ndarray, scores: np.ndarray) -> float:

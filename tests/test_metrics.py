@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score, roc_curve
 
-from common.metrics import auc_confidence_interval, credit_metrics, reliability_table
+from common.metrics import (
+    auc_confidence_interval,
+    credit_metrics,
+    paired_auc_difference,
+    reliability_table,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -75,3 +80,26 @@ def test_the_reliability_table_puts_every_row_in_one_bin_and_compares_rates() ->
     for b in table:
         assert b.low <= b.mean_pd <= b.high and b.observed_rate == b.defaults / b.rows
     assert len(reliability_table(labels[:3], probabilities[:3], bins=10)) == 3
+
+
+def _pairwise_components(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    return kernel.mean(axis=1), kernel.mean(axis=0)
+
+
+def test_the_paired_auc_difference_uses_delongs_covariance_of_shared_rows() -> None:
+    rng = np.random.default_rng(4)
+    labels = (rng.random(500) < 0.1).astype(float)
+    base = labels * 0.5 + rng.normal(0, 1.0, 500)
+    a, b = base + rng.normal(0, 0.3, 500), base + rng.normal(0, 0.3, 500)
+    difference, error = paired_auc_difference(labels, a, b)
+    assert difference == pytest.approx(roc_auc_score(labels, b) - roc_auc_score(labels, a))
+    (pa, na), (pb, nb) = _pairwise_components(labels, a), _pairwise_components(labels, b)
+    variance = np.var(pb - pa, ddof=1) / len(pa) + np.var(nb - na, ddof=1) / len(na)
+    assert error == pytest.approx(np.sqrt(variance), rel=1e-9)
+    # Shared rows make the difference far more certain than two independent intervals say.
+    low_a, high_a = auc_confidence_interval(labels, a)
+    assert error < 0.5 * (high_a - low_a) / (2 * 1.96) * np.sqrt(2)
+    assert paired_auc_difference(labels, a, a) == (0.0, 0.0)
+    assert all(np.isnan(paired_auc_difference(np.r_[1.0, np.zeros(9)], a[:10], b[:10])))

@@ -67,6 +67,7 @@ def _bank(
     root: Path,
     private_head: dict[str, np.ndarray],
     public_head: dict[str, np.ndarray] | None = None,
+    validation_fraction: float = 0.2,
 ) -> Bank:
     """Bank 0's data, a state dir holding `private_head`, and a public checkpoint whose
     source head is `public_head` (the real one by default). The global encoder is the public
@@ -82,7 +83,9 @@ def _bank(
     model.head.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in private_head.items()})
     state.save_head(model, checkpoint.schema.fingerprint)
     data = write_bank_data(pretrained, 0, root / "data")
-    settings = BankSettings("bank-00", data, state.dir, PrivacyPolicy())
+    settings = BankSettings(
+        "bank-00", data, state.dir, PrivacyPolicy(), validation_fraction=validation_fraction
+    )
     return Bank(settings, public_dir, pretrained.checkpoint_dir, pretrained)
 
 
@@ -94,20 +97,24 @@ def public_wins(pretrained: Pretrained, checkpoint: EncoderCheckpoint, tmp_path:
 @pytest.fixture
 def federated_wins(pretrained: Pretrained, checkpoint: EncoderCheckpoint, tmp_path: Path) -> Bank:
     """The public head ranks backwards; the private head ranks well but predicts about one
-    seventh of the defaults (its bias lowered by 2): a miscalibrated winner."""
+    seventh of the defaults (its bias lowered by 2): a miscalibrated winner. Half the training
+    rows validate: with the default fifth (~7 defaults) not even this gap is beyond chance."""
     return _bank(
         pretrained,
         checkpoint,
         tmp_path,
         _head(pretrained, shift=-2.0),
         public_head=_head(pretrained, sign=-1.0),
+        validation_fraction=0.5,
     )
 
 
 def _splits(bank: Bank) -> BankSplits:
     schema = load_encoder_checkpoint(bank.federated_dir).schema
     key = BankState(bank.settings.state_dir).split_key()
-    return load_bank_splits(bank.settings.data_path, schema, 0.25, key, 0.2)
+    return load_bank_splits(
+        bank.settings.data_path, schema, 0.25, key, bank.settings.validation_fraction
+    )
 
 
 def _test_logits(bank: Bank, public: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +151,23 @@ def test_the_public_model_is_served_when_its_validation_auc_is_higher(public_win
     )
     assert scorer.card["served"] == PUBLIC
     assert "serving the public model" in model_card_text(scorer.card)
+
+
+def test_a_federated_model_not_better_beyond_chance_leaves_the_public_model_served(
+    pretrained: Pretrained, checkpoint: EncoderCheckpoint, tmp_path: Path
+) -> None:
+    """A private head that differs from the public one by a little noise: whichever wins on
+    validation wins by chance, and the bank keeps the model that used none of its rows."""
+    rng = np.random.default_rng(7)
+    nudged = {
+        k: v + rng.normal(0, 0.05, v.shape).astype(v.dtype) for k, v in _head(pretrained).items()
+    }
+    bank = _bank(pretrained, checkpoint, tmp_path, nudged)
+    record = choose_served_model(bank.settings, bank.public_dir, bank.federated_dir)
+    validation = record["validation"]
+    assert validation[PUBLIC]["auc"] != validation[FEDERATED]["auc"]
+    assert record["served"] == PUBLIC
+    assert "not better beyond chance" in record["reason"]
 
 
 def test_the_federated_model_is_served_when_its_validation_auc_is_higher_and_calibrated(
@@ -220,6 +244,8 @@ def test_the_commands_choose_then_score_with_the_chosen_calibrated_model(
         bank.public_dir,
         "--data",
         bank.settings.data_path,
+        "--validation-fraction",
+        str(bank.settings.validation_fraction),
     )
     assert code == 0 and "serving the federated model" in capsys.readouterr().out
     data = bank.settings.data_path / "test.parquet"
