@@ -14,6 +14,7 @@ from client.runner_cli import add_runner_commands
 from common.config import FINE_TUNE_MODES, STRATEGY_NAMES
 from common.errors import ConfigError, FedfinError
 from server.coordinator_cli import add_coordinator_commands
+from server.plan_cli import add_plan_command
 from simulations.cli_bank import add_bank_commands
 
 if TYPE_CHECKING:
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bank_commands(commands)
     add_runner_commands(commands)
     add_coordinator_commands(commands)
+    add_plan_command(commands)
     return parser
 
 
