@@ -410,7 +410,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{cell['samples_per_s']:,.0f} | "
                     f"{'—' if overhead is None else f'{overhead:.2f}'} | {met} |"
                 )
-                if mode == "opacus ghost":
+                if mode == f"opacus {result['production_grad_sample_mode']}":
                     verdicts.append(overhead)
     lines += [
         "",
@@ -425,7 +425,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**Target DP overhead ≤ {target}x: "
         + ("met" if all(v <= target for v in verdicts) else "not met")
-        + f"** (ghost clipping, fedfin's mode: {min(verdicts):.1f}x to {max(verdicts):.1f}x).",
+        + f"** (Opacus {result['production_grad_sample_mode']}, fedfin's mode, with Opacus' "
+        f"sampler: {min(verdicts):.1f}x to {max(verdicts):.1f}x).",
         "",
         *_epoch_at_scale(result),
         *_why(result),
@@ -508,7 +509,8 @@ def _why(result: dict[str, Any]) -> list[str]:
         f"{max(ghost_vs_hooks):.2f} times hooks' across these runs"
         + (
             ", so it is not faster on this small model (the per-example gradients hooks "
-            "materialise are cheap), although `client/dp_training.py` chose ghost for speed."
+            "materialise are cheap); `client/dp_training.py` uses "
+            f"`{result['production_grad_sample_mode']}`."
             if min(ghost_vs_hooks) >= 0.95
             else "."
         ),

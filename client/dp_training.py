@@ -153,9 +153,14 @@ def _run_phase(
     dp_optimizer.generator = generator
     dp_optimizer.secure_mode = True  # 2n Gaussian draws per coordinate (Opacus' FP-attack fix)
     dp_optimizer.expected_batch_size = plan.batch_size  # public, unlike qN
-    # The accountant records q itself: Opacus would take 1 / len(loader), and 1/int(1/q)
-    # differs from q for many unit fractions (1/93, 1/100000: 1/(1/n) rounds below n).
-    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(plan.sample_rate))
+    # One accountant step of (σ, q) per optimizer step, q itself. Opacus' own hook takes q as
+    # 1 / len(loader) (1/int(1/q) is not q for many unit fractions: 1/93, 1/100000) and counts
+    # per-example gradients, which a noise-only step on an empty batch does not have.
+    dp_optimizer.attach_step_hook(
+        lambda optim: engine.accountant.step(
+            noise_multiplier=optim.noise_multiplier, sample_rate=plan.sample_rate
+        )
+    )
     if canary_gradients is not None:
         _add_canaries_before_noise(dp_optimizer, params, canary_gradients)
     if observe_step is not None:
