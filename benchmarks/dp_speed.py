@@ -6,12 +6,17 @@ interleaved, and the fastest run counts. DP modes use Poisson sampling,
 clipping norm 1 and noise multiplier 1, as `client/dp_training.py` does; `fedfin
 train_with_dp` is that production function itself (ghost, accountant and all).
 - one epoch of a synthetic bank (`--speed-rows`), at batch 64 (fedfin's default) and 1024;
-- a large synthetic bank (>= 1,000,000 rows): a fixed number of steps (`--large-steps`).
-Also measured: Opacus' Poisson sampler alone, which draws one random number per row per step.
+- a large synthetic bank (>= 1,000,000 rows): a fixed number of steps (`--large-steps`);
+- one whole epoch of a 1,000,000-row bank (`--epoch-rows`) at expected batch 1024: fedfin's
+  `train_with_dp` (q = 1/round(rows/1024), 1/q steps) against a non-private epoch of the same
+  model at batch 1024 (shuffle, gather by index, plain Adam), interleaved.
+Also measured, per step: Opacus' Poisson sampler alone (one random number per row per step)
+and its DataLoader's per-row fetch and collate, against fedfin's O(batch) `poisson_batches`.
 The target is DP overhead (non-private samples/s over DP samples/s) <= 1.5x.
 """
 
 import argparse
+import functools
 import math
 import platform
 import time
@@ -25,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from client.dp_training import GRAD_SAMPLE_MODE, DpStepPlan, train_with_dp
+from client.poisson_batches import poisson_batches, poisson_indices
 from common.config import ModelConfig
 from common.model import build_model
 from common.schema import EncodedTable, FeatureSchema
@@ -47,8 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--large-steps", type=int, default=500, help="steps on the large bank")
     group.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest counts")
     group.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 1024])
+    group.add_argument("--epoch-rows", type=int, default=1_000_000, help="rows, one DP epoch")
+    group.add_argument("--epoch-batch", type=int, default=1024, help="that epoch's batch")
+    group.add_argument(
+        "--epoch-steps",
+        type=int,
+        default=0,
+        help="time only this many steps of that epoch and extrapolate (0: the whole epoch)",
+    )
 
 
+@functools.lru_cache(maxsize=1)  # the 1M-row bank serves two suites; building it takes ~30 s
 def synthetic_bank(rows: int, seed: int = 0) -> tuple[FeatureSchema, EncodedTable]:
     """A bank of about `rows` rows; the schema is fitted on the generator's public pool."""
     frame = generate_credit_data(math.ceil(rows / 0.6), banks=1, seed=seed)
@@ -94,7 +109,7 @@ def measure(
             "full", NOISE, CLIP, batch_size, batch_size / rows, LEARNING_RATE, 0, steps
         )
         started = time.perf_counter()
-        train_with_dp(model, table, plan, [], seed=0)
+        train_with_dp(model, table, plan, [], torch.Generator().manual_seed(0))
         seconds = time.perf_counter() - started
         samples = steps * batch_size  # expected: Poisson batches average `batch_size`
         return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds}
@@ -144,6 +159,114 @@ def poisson_sampler_ms(rows: int, batch_size: int, draws: int = 200) -> float:
     return 1000 * (time.perf_counter() - started) / draws
 
 
+def sampling_ms(table: EncodedTable, batch_size: int, draws: int = 200) -> dict[str, float]:
+    """Milliseconds per step to pick and assemble one Poisson batch, before and after.
+
+    Before: Opacus' `DPDataLoader` (one uniform draw per row, then a per-row fetch and
+    collate). After: `poisson_batches` (Binomial size, distinct rows, one gather per tensor).
+    """
+    from opacus.data_loader import DPDataLoader
+
+    rows = len(table.numeric)
+    rate = batch_size / rows
+    dataset = as_dataset(table)
+    generator = torch.Generator().manual_seed(0)
+    loader = iter(DPDataLoader(dataset, sample_rate=rate, generator=generator))
+    started = time.perf_counter()
+    for _ in range(draws):
+        next(loader)
+    before = 1000 * (time.perf_counter() - started) / draws
+    started = time.perf_counter()
+    for _ in range(draws):
+        poisson_indices(rows, rate, generator)
+    after_indices = 1000 * (time.perf_counter() - started) / draws
+    batches = poisson_batches(dataset.tensors, rate, generator)
+    started = time.perf_counter()
+    for _ in range(draws):
+        next(batches)
+    after = 1000 * (time.perf_counter() - started) / draws
+    return {
+        "opacus_sampler_ms": poisson_sampler_ms(rows, batch_size, draws),
+        "opacus_data_loader_ms": before,
+        "fedfin_indices_ms": after_indices,
+        "fedfin_batch_ms": after,
+    }
+
+
+def non_private_epoch_seconds(
+    schema: FeatureSchema, table: EncodedTable, batch_size: int, steps: int
+) -> float:
+    """`steps` steps of a shuffled non-private epoch, rows gathered by index, plain Adam."""
+    model = build_model(schema, ModelConfig(), seed=0)
+    tensors = as_dataset(table).tensors
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    criterion = nn.BCEWithLogitsLoss()
+    model.train()
+    started = time.perf_counter()
+    order = torch.randperm(len(table.numeric), generator=torch.Generator().manual_seed(0))
+    for step in range(steps):
+        rows = order[step * batch_size : (step + 1) * batch_size]
+        numeric, categorical, target = (t.index_select(0, rows) for t in tensors)
+        optimizer.zero_grad()
+        criterion(model(numeric, categorical), target).backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def dp_epoch_seconds(
+    schema: FeatureSchema, table: EncodedTable, batch_size: int, rate: float, steps: int
+) -> float:
+    """`steps` steps of fedfin's `train_with_dp` (set-up, accountant and all), Poisson rate q."""
+    model = build_model(schema, ModelConfig(), seed=0)
+    plan = DpStepPlan("full", NOISE, CLIP, batch_size, rate, LEARNING_RATE, 0, steps)
+    started = time.perf_counter()
+    train_with_dp(model, table, plan, [], torch.Generator().manual_seed(0))
+    return time.perf_counter() - started
+
+
+def _epoch_suite(args: argparse.Namespace, bar: Any) -> dict[str, Any]:
+    """One DP epoch vs one non-private epoch of a large bank, interleaved, fastest kept."""
+    schema, table = synthetic_bank(args.epoch_rows)
+    rows, batch = len(table.numeric), args.epoch_batch
+    batches_per_epoch = max(1, round(rows / batch))  # q = 1/k: the unit fraction nearest B/N
+    rate = 1.0 / batches_per_epoch
+    dp_steps = batches_per_epoch  # 1/q Poisson steps see each row once in expectation
+    plain_steps = math.ceil(rows / batch)
+    if args.epoch_steps > 0:
+        dp_steps, plain_steps = min(dp_steps, args.epoch_steps), min(plain_steps, args.epoch_steps)
+    dp_seconds, plain_seconds = math.inf, math.inf
+    for _ in range(args.repeats):
+        bar.set_postfix(bank="one DP epoch", mode="non-private")
+        plain_seconds = min(
+            plain_seconds, non_private_epoch_seconds(schema, table, batch, plain_steps)
+        )
+        bar.update(1)
+        bar.set_postfix(bank="one DP epoch", mode="fedfin train_with_dp")
+        dp_seconds = min(dp_seconds, dp_epoch_seconds(schema, table, batch, rate, dp_steps))
+        bar.update(1)
+    plain_epoch = plain_seconds * math.ceil(rows / batch) / plain_steps
+    dp_epoch = dp_seconds * batches_per_epoch / dp_steps
+    return {
+        "rows": rows,
+        "batch_size": batch,
+        "sample_rate": rate,
+        "expected_batch": rows * rate,
+        "dp_steps_per_epoch": batches_per_epoch,
+        "non_private_steps_per_epoch": math.ceil(rows / batch),
+        "dp_steps_timed": dp_steps,
+        "non_private_steps_timed": plain_steps,
+        "extrapolated": dp_steps < batches_per_epoch or plain_steps < math.ceil(rows / batch),
+        "repeats": args.repeats,
+        "non_private_epoch_s": plain_epoch,
+        "dp_epoch_s": dp_epoch,
+        "non_private_ms_per_step": 1000 * plain_seconds / plain_steps,
+        "dp_ms_per_step": 1000 * dp_seconds / dp_steps,
+        "overhead": dp_epoch / plain_epoch,
+        "grad_sample_mode": GRAD_SAMPLE_MODE,
+        "sampling": sampling_ms(table, batch),
+    }
+
+
 def _suite(
     label: str,
     rows: int,
@@ -181,7 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     load_before = _load_average()
-    runs = len(args.batch_sizes) * (len(MODES) + 3) * args.repeats
+    runs = (len(args.batch_sizes) * (len(MODES) + 3) + 2) * args.repeats
     bar = tqdm(total=runs, desc=NAME, unit="run")
     try:
         epoch = {b: math.ceil(args.speed_rows / b) for b in args.batch_sizes}
@@ -195,6 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             args.repeats,
             bar,
         )
+        epoch_at_scale = _epoch_suite(args, bar)
     finally:
         bar.close()
         torch.set_num_threads(threads)
@@ -210,6 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "one_epoch": one_epoch,
         "large_bank": large,
+        "epoch_at_scale": epoch_at_scale,
         "seconds": round(time.perf_counter() - started, 1),
     }
     RESULTS.mkdir(exist_ok=True)
@@ -285,7 +410,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"{cell['samples_per_s']:,.0f} | "
                     f"{'—' if overhead is None else f'{overhead:.2f}'} | {met} |"
                 )
-                if mode == "opacus ghost":
+                if mode == f"opacus {result['production_grad_sample_mode']}":
                     verdicts.append(overhead)
     lines += [
         "",
@@ -300,14 +425,56 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**Target DP overhead ≤ {target}x: "
         + ("met" if all(v <= target for v in verdicts) else "not met")
-        + f"** (ghost clipping, fedfin's mode: {min(verdicts):.1f}x to {max(verdicts):.1f}x).",
+        + f"** (Opacus {result['production_grad_sample_mode']}, fedfin's mode, with Opacus' "
+        f"sampler: {min(verdicts):.1f}x to {max(verdicts):.1f}x).",
         "",
+        *_epoch_at_scale(result),
         *_why(result),
         "",
         f"![DP speed](results/{PLOT_FILE.name})",
         "",
     ]
     return "\n".join(lines)
+
+
+def _epoch_at_scale(result: dict[str, Any]) -> list[str]:
+    """The bank-scale epoch: fedfin's `train_with_dp` against a non-private epoch."""
+    epoch = result.get("epoch_at_scale")
+    if epoch is None:
+        return []
+    target, sampling = result["target_overhead"], epoch["sampling"]
+    timed = (
+        f"{epoch['dp_steps_timed']:,} DP and {epoch['non_private_steps_timed']:,} non-private "
+        "steps timed and extrapolated to an epoch"
+        if epoch["extrapolated"]
+        else "whole epochs timed"
+    )
+    met = "yes" if epoch["overhead"] <= target else "**no**"
+    return [
+        f"### One epoch of a {epoch['rows']:,}-row bank, expected batch {epoch['batch_size']}",
+        "",
+        f"fedfin's `train_with_dp` (grad sample mode `{epoch['grad_sample_mode']}`, "
+        f"q = 1/{epoch['dp_steps_per_epoch']:,}, so {epoch['expected_batch']:.0f} rows a step "
+        f"on average, {epoch['dp_steps_per_epoch']:,} steps, set-up and accountant included) "
+        f"against a non-private epoch of the same model ({epoch['non_private_steps_per_epoch']:,}"
+        f" shuffled batches of {epoch['batch_size']}, gathered by index, plain Adam); "
+        f"{timed}; fastest of {epoch['repeats']} interleaved runs each.",
+        "",
+        f"| what | ms per step | seconds per epoch | DP overhead (× slower) | ≤ {target}x? |",
+        "|---|---|---|---|---|",
+        f"| non-private | {epoch['non_private_ms_per_step']:.2f} | "
+        f"{epoch['non_private_epoch_s']:.1f} | — | |",
+        f"| fedfin train_with_dp | {epoch['dp_ms_per_step']:.2f} | {epoch['dp_epoch_s']:.1f} | "
+        f"{epoch['overhead']:.2f} | {met} |",
+        "",
+        f"Picking and assembling one Poisson batch at {epoch['rows']:,} rows, ms per step: "
+        f"before, Opacus' `DPDataLoader` {sampling['opacus_data_loader_ms']:.2f} (its sampler "
+        f"alone {sampling['opacus_sampler_ms']:.2f}, one uniform draw per row); after, "
+        f"fedfin's `poisson_batches` {sampling['fedfin_batch_ms']:.2f} (indices alone "
+        f"{sampling['fedfin_indices_ms']:.2f}: a Binomial batch size, then that many distinct "
+        "rows, then one gather per tensor).",
+        "",
+    ]
 
 
 def _why(result: dict[str, Any]) -> list[str]:
@@ -336,12 +503,14 @@ def _why(result: dict[str, Any]) -> list[str]:
         f"non-private step at batch {low}, which is why the large bank's overhead is "
         f"{big['opacus ghost']['overhead']:.1f}x. Drawing the batch size from Binomial(rows, q) "
         "and then that many distinct rows gives the same Poisson subsampling in O(batch) "
-        "per step; fedfin does not do that yet.",
+        "per step, which is what fedfin's `train_with_dp` does (`client/poisson_batches.py`; "
+        "the Opacus rows above still use Opacus' sampler).",
         f"- **Ghost clipping vs hooks**: ghost's overhead is {min(ghost_vs_hooks):.2f}-"
         f"{max(ghost_vs_hooks):.2f} times hooks' across these runs"
         + (
             ", so it is not faster on this small model (the per-example gradients hooks "
-            "materialise are cheap), although `client/dp_training.py` chose ghost for speed."
+            "materialise are cheap); `client/dp_training.py` uses "
+            f"`{result['production_grad_sample_mode']}`."
             if min(ghost_vs_hooks) >= 0.95
             else "."
         ),
@@ -355,8 +524,16 @@ def headline(result: dict[str, Any]) -> str:
             ghost.append(figures["opacus ghost"]["overhead"])
             hooks.append(figures["opacus hooks"]["overhead"])
     met = all(g <= result["target_overhead"] for g in ghost)
-    return (
-        f"**DP speed**: Opacus ghost clipping (fedfin's mode) trains {min(ghost):.1f}-"
+    line = (
+        f"**DP speed**: Opacus ghost clipping trains {min(ghost):.1f}-"
         f"{max(ghost):.1f}x slower than non-private, hooks {min(hooks):.1f}-{max(hooks):.1f}x; "
         f"the ≤ {result['target_overhead']}x target is {'met' if met else 'not met'}."
     )
+    epoch = result.get("epoch_at_scale")
+    if epoch is not None:
+        line += (
+            f" One epoch of a {epoch['rows']:,}-row bank at expected batch "
+            f"{epoch['batch_size']}: fedfin's `train_with_dp` takes {epoch['overhead']:.2f}x "
+            "a non-private epoch."
+        )
+    return line

@@ -50,15 +50,26 @@ def noise_divided_by_ten() -> Iterator[None]:
 
 @contextmanager
 def clipping_disabled() -> Iterator[None]:
-    """Per-example clipping off in the grad-sample module; the noise keeps the planned σC."""
+    """Per-example clipping off (in the grad-sample module for ghost clipping, in the optimizer
+    for hooks); the noise keeps the planned σC."""
     from opacus import PrivacyEngine
 
     real = PrivacyEngine.make_private
 
     def unclipped(self: PrivacyEngine, **kwargs: Any) -> Any:
-        module, *rest = real(self, **kwargs)
+        module, optimizer, *rest = real(self, **kwargs)
         module.max_grad_norm = 1e9
-        return (module, *rest)
+        clip = optimizer.clip_and_accumulate
+
+        def clip_nothing() -> None:
+            planned, optimizer.max_grad_norm = optimizer.max_grad_norm, 1e9
+            try:
+                clip()
+            finally:
+                optimizer.max_grad_norm = planned
+
+        optimizer.clip_and_accumulate = clip_nothing
+        return (module, optimizer, *rest)
 
     with mock.patch.object(PrivacyEngine, "make_private", unclipped):
         yield

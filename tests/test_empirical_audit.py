@@ -126,9 +126,19 @@ def _clipping_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     real = PrivacyEngine.make_private
 
     def unclipped(self: PrivacyEngine, **kwargs: Any) -> Any:
-        module, *rest = real(self, **kwargs)
-        module.max_grad_norm = 1e9  # the grad-sample module clips; the optimizer's C is kept
-        return (module, *rest)
+        module, optimizer, *rest = real(self, **kwargs)
+        module.max_grad_norm = 1e9  # ghost mode clips in the grad-sample module
+        clip = optimizer.clip_and_accumulate
+
+        def clip_nothing() -> None:  # hooks mode clips in the optimizer, whose C sets the noise
+            planned, optimizer.max_grad_norm = optimizer.max_grad_norm, 1e9
+            try:
+                clip()
+            finally:
+                optimizer.max_grad_norm = planned
+
+        optimizer.clip_and_accumulate = clip_nothing
+        return (module, optimizer, *rest)
 
     monkeypatch.setattr(PrivacyEngine, "make_private", unclipped)
 

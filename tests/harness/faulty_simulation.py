@@ -36,19 +36,19 @@ class FailMidTraining:
             return call_next(message, context)
         import client.dp_training as training
 
-        original = training._forever
+        original = training.poisson_batches
 
-        def failing(loader):  # type: ignore[no-untyped-def]
-            for step, batch in enumerate(original(loader)):
+        def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+            for step, batch in enumerate(original(*args, **kwargs)):
                 if step == 2:
                     raise RuntimeError("injected fault in the middle of DP training")
                 yield batch
 
-        training._forever = failing
+        training.poisson_batches = failing
         try:
             return call_next(message, context)
         finally:
-            training._forever = original
+            training.poisson_batches = original
 
 
 @dataclass(frozen=True)
