@@ -87,7 +87,8 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         description=(
             "Compare the federated model (--encoder with this bank's private head) with the "
             "public one (--public-encoder with its source head) on the bank's validation rows, "
-            "keep the one with the higher AUC (a tie keeps the public model), fit a Platt "
+            "serve the federated one only if its AUC is higher beyond chance (DeLong's paired "
+            "test, one-sided 95%; otherwise the public one), fit a Platt "
             "calibration on the bank's non-test rows, and write serving.json, reliability.png "
             "and a record in evaluations.jsonl to --state-dir. Use the bank's own data-path, "
             "test-fraction and validation-fraction (its node config): the split must be the one "

@@ -97,8 +97,9 @@ def bank_table(report: dict[str, Any]) -> str:
         "train rows: the rows each bank trained on with DP (its validation rows left out); "
         "test rows: its own test split, (defaults) in it",
         "AUC [95% CI, DeLong] on each bank's test split; federated: the final global encoder "
-        "with the bank's private head; served: the better of public and federated on the "
-        "bank's validation rows (a tie keeps the public model), calibrated",
+        "with the bank's private head; served: the federated model only if it beats the "
+        "public one on the bank's validation rows beyond chance (DeLong, one-sided 95%), "
+        "else the public model; calibrated",
         "mean PD: the served model's mean predicted default probability on the test split, "
         "after the bank's own Platt calibration; observed: the test split's default rate",
         "all read from each bank's local report (evaluations.jsonl, serving.json); banks never "
