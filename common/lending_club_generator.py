@@ -62,7 +62,7 @@ REGIONS: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "TX",
             "VA",
             "WV",
-        ),  # fmt: skip
+        ),
         "Midwest": ("IA", "IL", "IN", "KS", "MI", "MN", "MO", "ND", "NE", "OH", "SD", "WI"),
     }
 )
@@ -176,7 +176,7 @@ def _fit(frame: pd.DataFrame) -> GeneratorFit:
     columns = (*numeric, GRADE, TERM)
     codes = _codes(frame, grades, terms)
     values = np.column_stack([frame[c].to_numpy(np.float64) for c in numeric] + codes)
-    integer = tuple(pd.api.types.is_integer_dtype(frame[c]) for c in numeric) + (True, True)
+    integer = (*(pd.api.types.is_integer_dtype(frame[c]) for c in numeric), True, True)
     stepwise = tuple(
         bool(is_int and len(np.unique(values[:, j])) <= _MAX_STEP_UNIQUE)
         for j, is_int in enumerate(integer)
@@ -321,9 +321,14 @@ class LendingClubGenerator:
     """Seeded public-source and bank tables with the real Lending Club columns and label."""
 
     def __init__(
-        self, seed: int, fit: GeneratorFit | None = None, shift: ShiftConfig | None = None
+        self,
+        seed: int,
+        fit: GeneratorFit | None = None,
+        shift: ShiftConfig | None = None,
+        calibration_rows: int = 200_000,
     ) -> None:
         self.seed = seed
+        self.calibration_rows = calibration_rows
         self.fit = fit or fit_generator()
         self.shift = shift or ShiftConfig()
         self._intercepts: dict[str, float] = {}
@@ -469,7 +474,7 @@ class LendingClubGenerator:
     def _intercept(self, banks: bool) -> float:
         """The offset that gives the group its real default rate (public: West/Northeast;
         banks: South/Midwest, for a bank with no shift of its own), fitted once per
-        generator on a 200k-row calibration sample."""
+        generator on a calibration sample (200k rows by default)."""
         key = "banks" if banks else "public"
         if key not in self._intercepts:
             neutral = None
@@ -477,7 +482,7 @@ class LendingClubGenerator:
                 tilt = {c: 0.0 for c in self.shift.common_tilt}
                 neutral = BankShift(-1, self.fit.banks.states[0], 0.0, 0.0, 0.0, tilt)
             rng = np.random.default_rng([self.seed, 999_999, int(banks)])
-            sample = self._features(200_000, rng, neutral)
+            sample = self._features(self.calibration_rows, rng, neutral)
             logit = self._logit(sample, neutral, calibrated=False)
             marginals = self.fit.banks if banks else self.fit.public
             self._intercepts[key] = _intercept_for_rate(logit, marginals.default_rate)
