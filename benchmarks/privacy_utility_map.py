@@ -37,11 +37,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -73,8 +73,8 @@ METHODS = {
     "f_pooled": "f. pooled non-private: public + all banks' train rows",
 }
 HGB_PARAMS = {
-    "max_iter": 100,
-    "learning_rate": 0.1,
+    "max_iter": 60,
+    "learning_rate": 0.15,
     "max_leaf_nodes": 15,
     "min_samples_leaf": 40,
     "l2_regularization": 1.0,
@@ -88,18 +88,19 @@ class Recipe:
     """How a bank of `rows` loans trains: it scales with n, and the steps are capped."""
 
     rounds: int = 4
-    steps_per_round: int = 4
+    steps_per_round: int = 12
     min_batch: int = 64
     max_batch: int = 1024
     batch_fraction: float = 1 / 20  # expected batch ~ clamp(n / 20, 64, 1024)
     learning_rate: float = 2e-3
     max_grad_norm: float = 1.0
     max_delta: float = 1e-5  # δ = min(1e-5, 0.1 / n)
-    test_rows: int = 20_000
+    test_rows: int = 10_000
+    alone_banks: int = 5  # c and gradient boosting run on banks 0-4, members of every cell
     public_rows: int = 30_000
     pooled_steps: int = 300
     pooled_batch: int = 1024
-    pretrain_epochs: int = 20
+    pretrain_epochs: int = 15
     calibration_rows: int = 200_000  # rows the generator fits each group's intercept on
     accountant: str = "prv"
 
@@ -135,14 +136,17 @@ class Cell:
         return f"{self.rows}x{self.banks}"
 
 
-FULL_CELLS = tuple(
-    Cell(rows, banks, ("1", "3", "8", NON_PRIVATE))
-    for rows in (1_000, 10_000, 100_000)
-    for banks in (5, 20)
-) + (Cell(1_000_000, 5, ("1", "8", NON_PRIVATE)),)
+FULL_CELLS = (
+    *(
+        Cell(rows, banks, ("1", "3", "8", NON_PRIVATE))
+        for rows in (1_000, 10_000, 100_000)
+        for banks in (5, 20)
+    ),
+    Cell(1_000_000, 5, ("1", "8", NON_PRIVATE)),
+)
 QUICK_CELLS = (Cell(300, 2, ("1", NON_PRIVATE)), Cell(600, 3, ("8", NON_PRIVATE)))
 QUICK_RECIPE = Recipe(
-    rounds=3, steps_per_round=2, test_rows=400, public_rows=1_500, pooled_steps=5,
+    rounds=3, steps_per_round=2, test_rows=400, public_rows=1_500, pooled_steps=5, alone_banks=2,
     pooled_batch=128, pretrain_epochs=2, calibration_rows=5_000,
     accountant="rdp",
 )  # fmt: skip
@@ -371,7 +375,7 @@ def pooled_auc(
         categorical=np.concatenate(
             [public_table.categorical, *(b.train.categorical for b in banks)]
         ),
-        label=np.concatenate([public_table.label, *(b.train.label for b in banks)]),  # type: ignore[list-item]
+        label=np.concatenate([public_table.label, *(b.train.label for b in banks)]),
     )
     model = model_of(public, public.checkpoint.arrays, None, seed)
     generator = torch.Generator().manual_seed(_seed(seed, "pooled", len(banks)))
@@ -393,7 +397,7 @@ def hgb_auc(bank: Bank, categorical: int, seed: int) -> float:
         model = HistGradientBoostingClassifier(
             categorical_features=[False] * numeric + [True] * categorical,
             random_state=seed,
-            **HGB_PARAMS,  # type: ignore[arg-type]
+            **HGB_PARAMS,
         ).fit(features(bank.train), bank.train.label)
         scores = model.predict_proba(features(bank.test))[:, 1]
     assert bank.test.label is not None
@@ -486,7 +490,7 @@ def _load_or_start(
             old["cells"] = _merge_cells(old.get("cells", []), cells)
             old["seeds"] = sorted(set(old.get("seeds", [])) | set(seeds))
             old.setdefault("resumed", []).append(_stamp(environment()))
-            return old  # type: ignore[no-any-return]
+            return old
     return {
         "name": NAME,
         "config": config,
@@ -590,35 +594,45 @@ def run_size(
     timed("a_public", t)
     t = time.perf_counter()
     categorical = len(public.checkpoint.schema.categorical)
-    hgb = {b.index: hgb_auc(b, categorical, seed) for b in banks}
+    alone_banks = banks[: recipe.alone_banks]
+    hgb = {b.index: hgb_auc(b, categorical, seed) for b in alone_banks}
     timed("hgb_alone", t)
     alone: dict[str, dict[int, dict[str, float]]] = {}
     for column in sorted({col for c in cells for col in c.columns}, key=_column_order):
         t = time.perf_counter()
         alone[column] = train_method(
-            "c_alone", column, banks, public, recipe, rows, seed, work / f"{seed}-{rows}"
+            "c_alone", column, alone_banks, public, recipe, rows, seed, work / f"{seed}-{rows}"
         )
         timed("c_alone", t)
     shared_seconds = dict(timing)
     records = []
     for cell in sorted(cells, key=lambda c: c.banks):
-        timing = {k: v * cell.banks / most for k, v in shared_seconds.items()}  # shared, pro rata
+        timing = {k: v / len(cells) for k, v in shared_seconds.items()}  # shared: split evenly
         cell_began = time.perf_counter()
         members = banks[: cell.banks]
         per_bank: list[Row] = []
 
-        def add(method: str, column: str, index: int, auc: float, spent: float = 0.0) -> None:
-            per_bank.append(
+        def add(
+            method: str,
+            column: str,
+            index: int,
+            auc: float,
+            spent: float = 0.0,
+            out: list[Row] = per_bank,
+        ) -> None:
+            out.append(
                 {"method": method, "epsilon": column, "bank": index, "auc": auc,
                  "epsilon_spent": spent}
             )  # fmt: skip
 
         for b in members:
             add("a_public", NON_PRIVATE, b.index, public_auc[b.index])
-            add("hgb_alone", NON_PRIVATE, b.index, hgb[b.index])
+            if b.index in hgb:
+                add("hgb_alone", NON_PRIVATE, b.index, hgb[b.index])
             for column in cell.columns:
-                got = alone[column][b.index]
-                add("c_alone", column, b.index, got["auc"], got["epsilon_spent"])
+                if b.index in alone[column]:
+                    got = alone[column][b.index]
+                    add("c_alone", column, b.index, got["auc"], got["epsilon_spent"])
         t = time.perf_counter()
         for index, auc in pooled_auc(public, public_table, members, recipe, seed).items():
             add("f_pooled", NON_PRIVATE, index, auc)
@@ -651,11 +665,9 @@ def run_size(
                 "per_bank": per_bank,
                 "seconds_by_method": {k: round(v, 2) for k, v in timing.items()},
                 "seconds": round(
-                    time.perf_counter()
-                    - cell_began
-                    + sum(shared_seconds.values()) * cell.banks / most,
+                    time.perf_counter() - cell_began + sum(shared_seconds.values()) / len(cells),
                     1,
-                ),  # fmt: skip
+                ),
                 # CPU seconds of this process for the whole bank size (all its cells): on a
                 # shared machine, wall time also counts other people's work.
                 "size_cpu_seconds": round(time.process_time() - cpu_began, 1),
@@ -683,15 +695,38 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean, float(half)
 
 
-def _value(record: Row, method: str, column: str, reduce: str = "mean") -> float | None:
-    """Mean (or worst) bank AUC of a method in one cell-seed; baselines are ε-free."""
+def _aucs(record: Row, method: str, column: str) -> dict[int, float]:
+    """Each bank's AUC under a method in one cell-seed; baselines are ε-free."""
     wanted = NON_PRIVATE if method in ("a_public", "hgb_alone", "f_pooled") else column
-    aucs = [
-        r["auc"] for r in record["per_bank"] if r["method"] == method and r["epsilon"] == wanted
-    ]
-    if not aucs:
+    return {
+        r["bank"]: r["auc"]
+        for r in record["per_bank"]
+        if r["method"] == method and r["epsilon"] == wanted
+    }
+
+
+def _value(
+    record: Row, method: str, column: str, reduce: str = "mean", versus: str | None = None
+) -> float | None:
+    """Mean (or worst) bank AUC of a method in one cell-seed, or, with `versus`, its mean (or
+    worst-bank) difference from `versus` on the banks the method was run on: paired."""
+    mine = _aucs(record, method, column)
+    if not mine:
         return None
-    return min(aucs) if reduce == "worst" else statistics.mean(aucs)
+    if versus is None:
+        return min(mine.values()) if reduce == "worst" else statistics.mean(mine.values())
+    other = _aucs(record, versus, column)
+    if reduce == "worst":  # the worst bank's AUC minus the other method's worst on those banks
+        return min(mine.values()) - min(other[b] for b in mine)
+    return statistics.mean(mine[b] - other[b] for b in mine)
+
+
+def _must(
+    record: Row, method: str, column: str, reduce: str = "mean", versus: str | None = None
+) -> float:
+    value = _value(record, method, column, reduce, versus)
+    assert value is not None, (method, column)
+    return value
 
 
 def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -711,38 +746,32 @@ def summarise(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "seeds": sorted(r["seed"] for r in records), "methods": {},
             }  # fmt: skip
             for method in METHODS:
-                means = [_value(r, method, column) for r in records]
-                worst = [_value(r, method, column, "worst") for r in records]
-                if any(m is None for m in means):
+                if any(_value(r, method, column) is None for r in records):
                     continue
-                gains = [
-                    m - _value(r, "a_public", column) for m, r in zip(means, records, strict=True)
-                ]  # type: ignore[operator]
-                worst_gain = [
-                    w - _value(r, "a_public", column, "worst")  # type: ignore[operator]
-                    for w, r in zip(worst, records, strict=True)
-                ]
+                means = [_must(r, method, column) for r in records]
+                worst = [_must(r, method, column, "worst") for r in records]
+                gains = [_must(r, method, column, versus="a_public") for r in records]
+                worst_gain = [_must(r, method, column, "worst", "a_public") for r in records]
+                banks = sorted(_aucs(records[0], method, column))
                 spent = [
                     max(x["epsilon_spent"] for x in r["per_bank"]
                         if x["method"] == method and x["epsilon"] == column)
                     if method in ("d_fedfin", "c_alone") else 0.0
                     for r in records
                 ]  # fmt: skip
-                mean, half = t_interval(means)  # type: ignore[arg-type]
+                mean, half = t_interval(means)
                 gain, gain_half = t_interval(gains)
-                worst_mean, worst_half = t_interval(worst)  # type: ignore[arg-type]
+                worst_mean, worst_half = t_interval(worst)
                 wgain, wgain_half = t_interval(worst_gain)
                 entry["methods"][method] = {
                     "auc": mean, "auc_ci": half, "gain": gain, "gain_ci": gain_half,
                     "worst_auc": worst_mean, "worst_auc_ci": worst_half,
                     "worst_gain": wgain, "worst_gain_ci": wgain_half,
-                    "max_epsilon_spent": max(spent),
+                    "max_epsilon_spent": max(spent), "banks": banks,
                 }  # fmt: skip
             if "d_fedfin" in entry["methods"] and "c_alone" in entry["methods"]:
-                diffs = [
-                    _value(r, "d_fedfin", column) - _value(r, "c_alone", column)  # type: ignore[operator]
-                    for r in records
-                ]
+                # fedfin minus alone, paired on the banks that also ran alone
+                diffs = [-_must(r, "c_alone", column, versus="d_fedfin") for r in records]
                 entry["fedfin_minus_alone"] = dict(
                     zip(("gain", "gain_ci"), t_interval(diffs), strict=True)
                 )
@@ -809,6 +838,16 @@ def _fmt(value: float, half: float, sign: bool = False) -> str:
     return text if math.isnan(half) else f"{text} ± {half:.4f}"
 
 
+def _auc_cell(methods: dict[str, Any], method: str) -> str:
+    m = methods.get(method)
+    return _fmt(m["auc"], m["auc_ci"]) if m else "—"
+
+
+def _gain_cell(methods: dict[str, Any], method: str, key: str = "gain") -> str:
+    m = methods.get(method)
+    return _fmt(m[key], m[f"{key}_ci"], sign=True) if m else "—"
+
+
 def markdown(result: dict[str, Any]) -> str:
     summary = result.get("summary") or summarise(result)
     env = result["environment"]
@@ -833,11 +872,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"round (one epoch when a bank has fewer batches), expected batch "
         f"clamp(n/20, {recipe['min_batch']}, {recipe['max_batch']}), Poisson rate q = 1/k, "
         f"clip {recipe['max_grad_norm']}, Adam {recipe['learning_rate']}, δ = min(1e-5, 0.1/n), "
-        f"{recipe['accountant'].upper()} accountant, noise calibrated by the bank's `approve_round` (floor σ = 0.5). "
+        f"{recipe['accountant'].upper()} accountant, noise calibrated by the bank's "
+        "`approve_round` (floor σ = 0.5). "
         "Non-private: the same steps without clipping or noise. Gradient boosting: "
         f"{', '.join(f'{k}={v}' for k, v in result['config']['hgb_params'].items())}. Pooled: "
         f"the public model fine-tuned for {recipe['pooled_steps']} Adam steps of "
         f"{recipe['pooled_batch']} on public + all banks' train rows.",
+        f"- Banks are nested (a 5-bank cell is the first 5 banks of the 20-bank one). The "
+        f"alone baselines (c, gradient boosting) run on banks 0-{recipe['alone_banks'] - 1}, "
+        "members of every federation; their gains, and fedfin − alone, are paired bank by bank "
+        "on those banks. fedfin, public and pooled are averaged over all banks of the cell.",
         "",
         "| loans per bank | q | expected batch | steps per round | epochs per round | δ |",
         "|---|---|---|---|---|---|",
@@ -859,12 +903,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for e in summary:
         m = e["methods"]
-
-        def auc(method: str) -> str:
-            return _fmt(m[method]["auc"], m[method]["auc_ci"]) if method in m else "—"
-
-        def gain(method: str, key: str = "gain") -> str:
-            return _fmt(m[method][key], m[method][f"{key}_ci"], sign=True) if method in m else "—"
+        auc = partial(_auc_cell, m)
+        gain = partial(_gain_cell, m)
 
         versus = e.get("fedfin_minus_alone")
         lines.append(
@@ -948,8 +988,8 @@ def write_report(result: dict[str, Any], directory: Path) -> None:
     """results/privacy_utility_map.md and .png next to the JSON."""
     plot(result, directory / PLOT_NAME)
     (directory / "privacy_utility_map.md").write_text(
-        "# Privacy-utility map\n\nGenerated by `benchmarks/privacy_utility_map.py`; do not edit.\n\n"
-        + markdown(result)
+        "# Privacy-utility map\n\n"
+        "Generated by `benchmarks/privacy_utility_map.py`; do not edit.\n\n" + markdown(result)
     )
 
 

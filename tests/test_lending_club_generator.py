@@ -54,9 +54,8 @@ def test_tables_have_the_real_columns_and_dtypes(real: pd.DataFrame, public: pd.
     for column in real.columns:
         if pd.api.types.is_numeric_dtype(real[column]):
             assert pd.api.types.is_numeric_dtype(public[column]), column
-        assert set(public[column].astype(str).unique()) <= set(real[column].astype(str).unique()) or (
-            pd.api.types.is_numeric_dtype(real[column])
-        ), column
+        else:
+            assert set(public[column].astype(str)) <= set(real[column].astype(str)), column
 
 
 def test_public_marginals_follow_the_real_public_regions(
@@ -92,7 +91,7 @@ def test_default_rates_are_the_real_ones(
     banks = [generator.bank(i, 20_000) for i in range(8)]
     rates = [_bad(b).mean() for b in banks]
     real_rate = _bad(_in_regions(real, BANK_REGIONS)).mean()
-    assert 0.02 < min(rates) and max(rates) < 0.12  # each bank shifts its own rate
+    assert min(rates) > 0.02 and max(rates) < 0.12  # each bank shifts its own rate
     assert abs(float(np.mean(rates)) - real_rate) < 0.015
 
 
@@ -158,7 +157,8 @@ def test_generated_banks_pass_the_schema_fitted_on_the_public_source(
     encoded = schema.transform(bank, "bank 1", strict_columns=True)
     assert encoded.numeric.shape == (5_000, len(schema.numeric))
     assert (encoded.categorical > 0).mean() > 0.99  # categories the public source knows
-    as_text = bank.astype({c: str for c in bank.columns if isinstance(bank[c].dtype, pd.CategoricalDtype)})
+    categorical = [c for c in bank.columns if isinstance(bank[c].dtype, pd.CategoricalDtype)]
+    as_text = bank.astype(dict.fromkeys(categorical, str))
     again = schema.transform(as_text, "bank 1 as text", strict_columns=True)
     np.testing.assert_array_equal(encoded.categorical, again.categorical)
     np.testing.assert_array_equal(encoded.label, again.label)
