@@ -515,17 +515,27 @@ def _load_or_start(
             str(rows): recipe.for_bank(rows) for rows in sorted({c.rows for c in cells})
         },
         "started": _stamp(environment()),
-        "command": shlex.join(["python", *sys.argv]),
+        "command": _command(),
         "environment": environment(),
         "records": [],
         "compute_seconds": 0.0,
     }
 
 
+def _command() -> str:
+    """The command as typed: `python -m benchmarks ...` or `python -m benchmarks.<module>`."""
+    first = Path(sys.argv[0])
+    if first.name == "__main__.py" and first.parent.name == "benchmarks":
+        return shlex.join(["python", "-m", "benchmarks", *sys.argv[1:]])
+    if first.name == Path(__file__).name:
+        return shlex.join(["python", "-m", f"benchmarks.{first.stem}", *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])
+
+
 def _stamp(env: dict[str, Any]) -> dict[str, Any]:
     return {
         "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", *sys.argv]),
+        "command": _command(),
         "git_commit": env["git_commit"],
         "load_average": env["load_average"],
     }
@@ -833,7 +843,30 @@ def headline(result: dict[str, Any]) -> str:
         "**Privacy-utility map** (synthetic Lending Club banks, fedfin's gain in mean bank AUC "
         f"over the public model, 95% CI over seeds {seeds}): federation pays "
         + "; ".join(parts)
-        + "."
+        + ". "
+        + _against_alone(private)
+    )
+
+
+def _against_alone(private: Sequence[dict[str, Any]]) -> str:
+    """Where fedfin beats, or loses to, each bank fine-tuning alone with the same DP budget."""
+    verdicts: dict[str, list[str]] = {"better": [], "worse": []}
+    for e in private:
+        versus = e.get("fedfin_minus_alone")
+        if not versus or len(e["seeds"]) < 2:
+            continue
+        where = f"{e['rows']:,}×{e['banks']} ε {e['epsilon']} ({versus['gain']:+.3f})"
+        if versus["gain"] - versus["gain_ci"] > 0:
+            verdicts["better"].append(where)
+        elif versus["gain"] + versus["gain_ci"] < 0:
+            verdicts["worse"].append(where)
+    return (
+        "Against each bank alone with the same DP budget (paired on the banks that ran "
+        "alone), fedfin is better at "
+        + (", ".join(verdicts["better"]) or "no cell")
+        + "; worse at "
+        + (", ".join(verdicts["worse"]) or "no cell")
+        + "; elsewhere the 95% interval includes 0."
     )
 
 
@@ -968,7 +1001,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     summary = result.get("summary") or summarise(result)
     bank_counts = sorted({e["banks"] for e in summary})
     figure, axes = plt.subplots(
-        1, len(bank_counts), figsize=(6.5 * len(bank_counts), 4.8), squeeze=False
+        1, len(bank_counts), figsize=(6.5 * len(bank_counts), 4.8), squeeze=False, sharey=True
     )
     columns = sorted({e["epsilon"] for e in summary}, key=_column_order)
     for axis, banks in zip(axes[0], bank_counts, strict=True):
