@@ -89,6 +89,24 @@ def test_a_missing_category_maps_to_the_unknown_bucket_0(
     assert (categorical_codes(schema, bank, "home_ownership")[:5] == 0).all()
 
 
+def test_a_pandas_categorical_column_encodes_exactly_like_its_text(
+    schema: FeatureSchema, bank: pd.DataFrame
+) -> None:
+    text = bank.copy()
+    text.loc[:9, "purpose"] = "yacht"
+    text.loc[10:14, "purpose"] = np.nan
+    categorical = text.astype({"purpose": "category", "home_ownership": "category"})
+
+    np.testing.assert_array_equal(
+        categorical_codes(schema, categorical, "purpose"),
+        categorical_codes(schema, text, "purpose"),
+    )
+    np.testing.assert_array_equal(
+        schema.transform(categorical, BANK_SOURCE).categorical,
+        schema.transform(text, BANK_SOURCE).categorical,
+    )
+
+
 def test_categories_rarer_than_five_public_rows_stay_out_of_the_vocabulary(
     public: pd.DataFrame,
 ) -> None:
