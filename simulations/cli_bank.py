@@ -102,9 +102,17 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         help="the pretrained checkpoint (with source_head.npz), e.g. RUN/pretrained",
     )
     choose.add_argument("--data", type=Path, required=True, help="the bank's data-path")
-    choose.add_argument("--test-fraction", type=_number("--test-fraction", 0.0, 1.0), default=0.25)
     choose.add_argument(
-        "--validation-fraction", type=_number("--validation-fraction", 0.0, 1.0), default=0.2
+        "--test-fraction",
+        type=_number("--test-fraction", 0.0, 1.0),
+        default=0.25,
+        help="the bank's node config test-fraction (the split it trained with)",
+    )
+    choose.add_argument(
+        "--validation-fraction",
+        type=_number("--validation-fraction", 0.0, 1.0),
+        default=0.2,
+        help="the bank's node config validation-fraction",
     )
     choose.set_defaults(run=run_choose_model)
 
@@ -160,7 +168,9 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         default=500,
         help="rows of --data for the global importance (seeded sample)",
     )
-    explain.add_argument("--seed", type=_integer("--seed", 0), default=0)
+    explain.add_argument(
+        "--seed", type=_integer("--seed", 0), default=0, help="seed of the global sample"
+    )
     explain.add_argument(
         "--steps",
         type=_integer("--steps", 2),
@@ -179,7 +189,7 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
     )
     _add_model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
     serve.add_argument(
         "--threshold",
         type=_number("--threshold", 0.0, 1.0),

@@ -67,7 +67,7 @@ def test_audit_of_a_run_dir_covers_every_bank(tmp_path: Path) -> None:
         assert bank["train_releases"] == 3 and bank["chain_ok"]
         assert bank["epsilon_pld"] == pytest.approx(bank["epsilon_recorded"], rel=0.02)
         assert bank["remaining"] == pytest.approx(2.0 - bank["epsilon_recorded"])
-    assert (tmp_path / "privacy-audit.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "privacy-audit.png").read_bytes()[:4] == b"\x89PNG"  # beside --json
     assert "bank-00" in result.stdout and "bank-01" in result.stdout
 
 
@@ -98,7 +98,7 @@ def test_an_exceeded_budget_fails_the_audit(tmp_path: Path) -> None:
 
 def test_a_path_without_ledgers_is_one_clear_error(tmp_path: Path) -> None:
     result = _audit(tmp_path)
-    assert result.returncode == 5
+    assert result.returncode == 2  # a wrong PATH, not a broken ledger (5)
     assert result.stderr.strip().count("\n") == 0 and "ledger.jsonl" in result.stderr
     assert "Traceback" not in result.stderr
 
