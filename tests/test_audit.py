@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,13 @@ def _bank(state: Path, rounds: int, budget: float = 2.0, lie: float = 1.0) -> No
 
 
 def _audit(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The real command, run beside the audited dir: its default plot lands there."""
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", "audit", str(path), *extra],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=path.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=120,
     )
 
