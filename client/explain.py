@@ -11,6 +11,12 @@ raises the default risk above that reference; the largest ones are the reasons a
 high. Categoricals enter the model through embeddings, so attributions are computed on the
 embedded input and each categorical's embedding dimensions are summed into one number.
 
+Reason codes name the features that push a score towards default most, for adverse-action
+notices and for `fedfin score`/`serve`: a numeric feature as `<name>_high` or `<name>_low`
+(its value above or below the reference applicant's public median), a categorical one by its
+name (e.g. `int_rate_high`, `sub_grade`). They are stable: the same application gets the
+same codes, and the set of codes is fixed by the schema.
+
 Everything runs in float64 on a private copy of the model, inside the bank, offline.
 """
 
@@ -32,6 +38,9 @@ from common.model import CreditModel
 
 DEFAULT_STEPS = 32  # Gauss-Legendre: |convergence delta| about 1e-8 on Lending Club
 DEFAULT_SAMPLE = 500
+REASON_CODES = 4  # as many as a US adverse-action notice lists
+_REASON_CHUNK = 4096  # rows per integrated-gradients batch when coding a whole table
+_NO_PUSH = 1e-9  # an attribution this small does not push the score anywhere
 SPACE = "log-odds of default"
 
 
@@ -45,6 +54,7 @@ class Explanation:
     logit: float
     reference_logit: float
     convergence_delta: float  # sum(attributions) - (logit - reference_logit)
+    reason_codes: tuple[str, ...] = ()  # the top pushes towards default, as stable codes
 
     @property
     def probability(self) -> float:
@@ -113,6 +123,7 @@ class Explainer:
         missing = dict.fromkeys(self.features)
         numeric, categorical = scorer.encode_one(missing, "reference applicant")
         self._reference = self._embed(numeric[None, :], categorical[None, :])
+        self._reference_numeric = numeric.astype(np.float64)
 
     def _feature_groups(self) -> torch.Tensor:
         """(embedded width, features): which embedded columns belong to which feature."""
@@ -150,6 +161,33 @@ class Explainer:
         per_feature = (attributions.detach() @ self._groups).numpy()
         return per_feature, logits, delta.detach().numpy()
 
+    def codes_of(self, attributions: np.ndarray, numeric: np.ndarray, count: int) -> list[str]:
+        """Up to `count` reason codes: the features raising this row's risk most, largest first."""
+        codes: list[str] = []
+        numeric_count = len(self._reference_numeric)
+        for j in np.argsort(-attributions, kind="stable")[:count].tolist():
+            if attributions[j] <= _NO_PUSH:
+                break
+            name = self.features[j]
+            if j < numeric_count:
+                side = "high" if numeric[j] > self._reference_numeric[j] else "low"
+                name = f"{name}_{side}"
+            codes.append(name)
+        return codes
+
+    def reason_codes(
+        self, numeric: np.ndarray, categorical: np.ndarray, count: int = REASON_CODES
+    ) -> list[list[str]]:
+        """Reason codes of every encoded row, in batches of integrated gradients."""
+        out: list[list[str]] = []
+        for start in range(0, len(numeric), _REASON_CHUNK):
+            stop = start + _REASON_CHUNK
+            attributions, _, _ = self.attribute(numeric[start:stop], categorical[start:stop])
+            out += [
+                self.codes_of(row, numeric[start + i], count) for i, row in enumerate(attributions)
+            ]
+        return out
+
     @property
     def reference_logit(self) -> float:
         with torch.no_grad():
@@ -170,7 +208,7 @@ class Explainer:
         for row in rows:
             if not 0 <= row < len(frame):
                 raise ConfigError(f"{source}: row {row} does not exist ({len(frame)} rows)")
-        encoded = self.scorer.schema.transform(frame, source, require_label=False)
+        encoded = self.scorer.encode_frame(frame, source)
         index = np.asarray(rows, dtype=np.int64)
         values = [tuple(frame.iloc[row][name] for name in self.features) for row in index.tolist()]
         return self._explanations(encoded.numeric[index], encoded.categorical[index], values)
@@ -188,6 +226,7 @@ class Explainer:
                 logit=float(logits[i]),
                 reference_logit=reference,
                 convergence_delta=float(deltas[i]),
+                reason_codes=tuple(self.codes_of(attributions[i], numeric[i], REASON_CODES)),
             )
             for i, row_values in enumerate(values)
         ]

@@ -42,7 +42,12 @@ from client.bank_state import BankState
 from client.bank_worker import encoder_sha256
 from client.calibration import PlattCalibration, fit_platt, fold_calibration
 from common.atomic import write_atomically, write_json_atomically
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, load_source_head
+from common.checkpoint import (
+    SOURCE_HEAD_FILE,
+    EncoderCheckpoint,
+    load_encoder_checkpoint,
+    load_source_head,
+)
 from common.errors import CheckpointError, ConfigError
 from common.metrics import (
     ReliabilityBin,
@@ -215,7 +220,9 @@ def served_model(state_dir: Path, encoder_dir: Path) -> ServedModel:
     state = BankState(state_dir)
     checkpoint, federated = federated_model(state, encoder_dir)
     record = serving_record(state_dir)
-    if record is None or not _chosen_for(record, checkpoint, state):
+    encoder_sha = encoder_sha256(checkpoint.arrays)
+    head_sha = _file_sha256(state.head_path)
+    if record is None or not _chosen_for(record, encoder_sha, head_sha):
         note = (
             "no serving choice yet"
             if record is None
@@ -227,17 +234,20 @@ def served_model(state_dir: Path, encoder_dir: Path) -> ServedModel:
             "note": f"{note}: serving this encoder with the private head, uncalibrated "
             "(run `fedfin choose-model`)",
             "encoder": str(encoder_dir),
+            "model_version": model_version(FEDERATED, encoder_sha, head_sha, None),
         }
         return ServedModel(checkpoint, federated, card)
     calibration = PlattCalibration.from_dict(record["calibration"])
     if record["served"] == PUBLIC:
         entry = record["public_encoder"]
         checkpoint, model = public_model(Path(entry["path"]))
-        if encoder_sha256(checkpoint.arrays) != entry["sha256"]:
+        encoder_sha = encoder_sha256(checkpoint.arrays)
+        if encoder_sha != entry["sha256"]:
             raise CheckpointError(
                 f"{entry['path']}: the public encoder changed since the bank chose it; "
                 "run `fedfin choose-model` again"
             )
+        head_sha = _file_sha256(Path(entry["path"]) / SOURCE_HEAD_FILE)
     else:
         model = federated
     fold_calibration(model, calibration)
@@ -250,14 +260,33 @@ def served_model(state_dir: Path, encoder_dir: Path) -> ServedModel:
         "validation": record["validation"],
         "test": record["test"],
         "reliability_test": record["reliability_test"],
+        "model_version": model_version(
+            record["served"], encoder_sha, head_sha, record["calibration"]
+        ),
     }
     return ServedModel(checkpoint, model, card)
 
 
-def _chosen_for(record: dict[str, Any], checkpoint: EncoderCheckpoint, state: BankState) -> bool:
+def model_version(
+    served: str, encoder_sha: str, head_sha: str, calibration: dict[str, Any] | None
+) -> str:
+    """Which model answered, in one string for every response and log line.
+
+    The served model (public or federated), the SHA-256 of its encoder arrays and of its head
+    file, and of its calibration ("uncalibrated" without a choice for this encoder and head).
+    """
+    if calibration is None:
+        calibrated = "uncalibrated"
+    else:
+        text = json.dumps(calibration, sort_keys=True, separators=(",", ":"))
+        calibrated = "calibration-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{served}/encoder-{encoder_sha[:12]}/head-{head_sha[:12]}/{calibrated}"
+
+
+def _chosen_for(record: dict[str, Any], encoder_sha: str, head_sha: str) -> bool:
     return bool(
-        record.get("federated_encoder", {}).get("sha256") == encoder_sha256(checkpoint.arrays)
-        and record.get("head_sha256") == _file_sha256(state.head_path)
+        record.get("federated_encoder", {}).get("sha256") == encoder_sha
+        and record.get("head_sha256") == head_sha
     )
 
 
@@ -266,8 +295,9 @@ def _chosen_for(record: dict[str, Any], checkpoint: EncoderCheckpoint, state: Ba
 
 def model_card_text(card: dict[str, Any]) -> str:
     """The model card `fedfin score` prints: what is served, why, and how well it is calibrated."""
+    version = f"\n  model version: {card['model_version']}" if "model_version" in card else ""
     if not card.get("validated"):
-        return f"model card: {card['note']}"
+        return f"model card: {card['note']}{version}"
     validation, test = card["validation"], card["test"]
     calibration = card["calibration"]
     lines = [
@@ -287,7 +317,7 @@ def model_card_text(card: dict[str, Any]) -> str:
         "  reliability on test (equal-count bins of predicted probability):",
         reliability_text(card["reliability_test"], indent="    "),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines) + version
 
 
 def reliability_text(bins: list[dict[str, Any]] | list[ReliabilityBin], indent: str = "") -> str:

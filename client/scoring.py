@@ -8,14 +8,21 @@ arrays and dicts, and the model is folded into a few numpy matmuls (each categor
 embedding is multiplied into the first layer ahead of time). Both paths give the same
 probability to 1e-6 (tests/test_scoring.py). Nothing here opens a network connection.
 
-One difference in validation is deliberate: a missing value (None/NaN) in one application
-is imputed exactly as it would be in a batch (public median, unknown category), so a row's
-score never depends on the rows scored with it. `FeatureSchema.validate` rejects a column
-that is missing in every row, which for a one-row table would reject any missing value.
+A missing value (None/NaN/empty) is imputed exactly as in training (public median, unknown
+category), alone or in a table, so a row's score never depends on the rows scored with it:
+a column empty in every row of a table is imputed too (`FeatureSchema.validate` would refuse
+it, which for one application would refuse any missing value). Nothing is imputed silently:
+`row_notes` names each row's imputed features and its categories the model never saw
+(scored as the unknown category), and `fedfin score`/`serve` report both.
+
+`application_column_problems` is the one column rule of `fedfin score` (a table's columns)
+and `fedfin serve` (an application's fields): every feature present; an id, the label and
+any other column kept as they are and not used; the names results are written under refused.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +33,67 @@ from torch import nn
 
 from common.errors import CheckpointError, DataError
 from common.model import CreditModel
-from common.schema import _Z_CLIP, FeatureSchema, _as_numeric
+from common.schema import _Z_CLIP, EncodedTable, FeatureSchema, _as_numeric
 
 BATCH_ROWS = 65_536
+PROBABILITY_COLUMN = "default_probability"
+DECISION_COLUMN = "decision"
+REASONS_COLUMN = "reason_codes"
+IMPUTED_COLUMN = "imputed"
+UNSEEN_COLUMN = "unseen_categories"
+OUTPUT_COLUMNS = (
+    PROBABILITY_COLUMN,
+    DECISION_COLUMN,
+    REASONS_COLUMN,
+    IMPUTED_COLUMN,
+    UNSEEN_COLUMN,
+)
+_UNSEEN = "\x00fedfin: no value\x00"  # fills a column empty in every row: no vocabulary has it
+
+
+MISSING = "missing"
+TAKEN = "taken"
+
+
+def application_column_problems(
+    columns: Iterable[object], schema: FeatureSchema
+) -> list[tuple[str, str]]:
+    """(column, MISSING or TAKEN) under the column rules shared by `score` and `serve`.
+
+    Every feature of the model must be there (an empty value is fine: it is imputed); the
+    label, an id and any other column are kept as given and never reach the model; a column
+    named like a result (`OUTPUT_COLUMNS`) would be overwritten, so it is refused.
+    """
+    names = {str(c) for c in columns}
+    problems = [(name, MISSING) for name in schema.feature_names if name not in names]
+    problems += [(name, TAKEN) for name in OUTPUT_COLUMNS if name in names]
+    return problems
+
+
+def check_application_columns(
+    columns: Iterable[object], schema: FeatureSchema, source: str
+) -> None:
+    """`application_column_problems` of a table as one `DataError` naming the first column."""
+    problems = application_column_problems(columns, schema)
+    if not problems:
+        return
+    name, kind = problems[0]
+    if kind == TAKEN:
+        raise DataError(f"{source}: already has a column '{name}'; rename it first")
+    more = sum(k == MISSING for _, k in problems) - 1
+    raise DataError(
+        f"{source}: feature column '{name}' is missing" + (f" (and {more} more)" if more else "")
+    )
+
+
+@dataclass(frozen=True)
+class RowNotes:
+    """What a row's score rests on besides its values: imputed features, unseen categories."""
+
+    imputed: tuple[str, ...] = ()
+    unseen_categories: tuple[tuple[str, str], ...] = ()  # (feature, value as given)
+
+
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
 
@@ -150,12 +215,7 @@ class Scorer:
         """The schema's transform for one row, without pandas for plain values."""
         if not isinstance(application, Mapping):
             raise DataError(f"{source}: expected a mapping of feature name to value")
-        missing = [name for name in self.feature_names if name not in application]
-        if missing:
-            raise DataError(
-                f"{source}: feature column '{missing[0]}' is missing"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
+        check_application_columns(application.keys(), self.schema, source)
         values = np.array(
             [_numeric_value(application[name], name, source) for name in self._numeric_names],
             dtype=np.float64,
@@ -180,6 +240,16 @@ class Scorer:
         )
         return numeric, categorical
 
+    def notes_one(self, application: Mapping[str, object]) -> RowNotes:
+        """The features of one application that are imputed, and its unseen categories."""
+        imputed = tuple(name for name in self.feature_names if _is_missing(application.get(name)))
+        unseen = []
+        for name, vocab in zip(self._categorical_names, self._vocab, strict=True):
+            text = _category_text(application.get(name))
+            if text is not None and text not in vocab:
+                unseen.append((name, text))
+        return RowNotes(imputed, tuple(unseen))
+
     def logit_one(self, application: Mapping[str, object], source: str = "application") -> float:
         numeric, categorical = self.encode_one(application, source)
         return self._folded.logit(numeric, categorical)
@@ -190,11 +260,52 @@ class Scorer:
 
     # --- a table -----------------------------------------------------------------------
 
+    def encode_frame(self, frame: pd.DataFrame, source: str = "applications") -> EncodedTable:
+        """The schema's transform, with a column empty in every row imputed, not refused."""
+        check_application_columns(frame.columns, self.schema, source)
+        if len(frame):
+            fills: dict[str, object] = {}
+            for feature in self.schema.numeric:
+                if frame[feature.name].isna().all():
+                    fills[feature.name] = feature.fill_value
+            for cat in self.schema.categorical:
+                if frame[cat.name].isna().all():
+                    fills[cat.name] = _UNSEEN
+            if fills:
+                frame = frame.assign(**fills)
+        return self.schema.transform(frame, source, require_label=False)
+
+    def notes_frame(self, frame: pd.DataFrame) -> list[RowNotes]:
+        """`notes_one` for every row of a table (already validated by `encode_frame`)."""
+        rows = len(frame)
+        imputed: list[list[str]] = [[] for _ in range(rows)]
+        unseen: list[list[tuple[str, str]]] = [[] for _ in range(rows)]
+        for name in self.feature_names:
+            column = frame[name]
+            missing = column.isna()
+            if column.dtype == object or pd.api.types.is_string_dtype(column):
+                missing |= column.astype("string").str.strip().eq("").fillna(False)
+            for row in np.flatnonzero(missing.to_numpy(dtype=bool)):
+                imputed[row].append(name)
+        for name, vocab in zip(self._categorical_names, self._vocab, strict=True):
+            text = frame[name].astype("string")
+            empty = text.str.strip().eq("").fillna(False)
+            known = [v for v in vocab if v is not None]
+            new = (text.notna() & ~empty & ~text.isin(known)).to_numpy(dtype=bool)
+            for row in np.flatnonzero(new):
+                unseen[row].append((name, str(frame[name].iloc[row])))
+        return [RowNotes(tuple(i), tuple(u)) for i, u in zip(imputed, unseen, strict=True)]
+
     def logits_frame(self, frame: pd.DataFrame, source: str = "applications") -> np.ndarray:
-        encoded = self.schema.transform(frame, source, require_label=False)
-        out = np.empty(len(frame), dtype=np.float64)
+        encoded = self.encode_frame(frame, source)
+        return self.logits_encoded(encoded)
+
+    def logits_encoded(self, encoded: EncodedTable) -> np.ndarray:
+        """Logits of an encoded table, in batches."""
+        rows = len(encoded.numeric)
+        out = np.empty(rows, dtype=np.float64)
         with torch.inference_mode():
-            for start in range(0, len(frame), BATCH_ROWS):
+            for start in range(0, rows, BATCH_ROWS):
                 stop = start + BATCH_ROWS
                 logits = self.model(
                     torch.from_numpy(encoded.numeric[start:stop]),
@@ -217,19 +328,30 @@ def sigmoid(logit: float) -> float:
     return z / (1.0 + z)
 
 
+def _is_missing(value: object) -> bool:
+    """None, NaN, pandas' NA, or an empty string: what `score_one` imputes."""
+    if value is None or value is pd.NA:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
+
+
 def _numeric_value(value: object, name: str, source: str) -> float:
     """As `FeatureSchema.transform` reads a numeric column; pandas only for unusual values."""
     if value is None:
         return math.nan
     if type(value) is float or type(value) is int:
         return float(value)
+    if isinstance(value, str) and not value.strip():
+        return math.nan  # an empty value is missing, as an empty CSV cell is
     return float(_as_numeric(pd.Series([value]), name, source)[0])
 
 
 def _category_text(value: object) -> str | None:
     """As `FeatureSchema.transform` reads a categorical column: its string form, or missing."""
     if type(value) is str:
-        return value
+        return value if value.strip() else None
     if value is None:
         return None
     text = pd.Series([value]).astype("string").iloc[0]

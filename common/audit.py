@@ -5,6 +5,15 @@ DP events with Google's `dp-accounting` (PLD, tight; RDP, an upper bound), and c
 with what the bank recorded. A recorded ε below the independent PLD figure (beyond
 numerical tolerance) is understated; ε above the bank's budget is an excess.
 
+Which figure is authoritative: the bank enforces its budget with Opacus' PRV accountant
+(the "ε recorded" column), and the independent PLD figure checks it; both are tight. RDP is a
+looser upper bound, shown for reference: it can exceed the budget while the bank is within
+it, so it never decides the status.
+
+Every number the audit reads is checked first: a NaN, infinite, negative or non-numeric ε,
+budget, δ or DP event makes the ledger fail the audit with the line and field named, and
+the same ledger (or the same bank) found twice below a run dir is flagged as a duplicate.
+
 A chain only proves that no line inside it was edited. Cutting lines off the end, or
 rebuilding the chain with smaller charges and fresh hashes, leaves a valid chain; only a
 record kept outside the bank shows it: the anchors the server recorded from each reply
@@ -13,6 +22,7 @@ ledger. Even without them, a partial last line and a train release that carries 
 events (itself or through the "charge" entry it names) make the ledger fail the audit.
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +32,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from common.accounting import DpEvent, merged_history
-from common.errors import LedgerError
+from common.errors import ConfigError
 from common.ledger import GENESIS_HASH, LEDGER_FILE, PrivacyLedger, events_of
 from common.ledger_anchors import LedgerAnchor
 
@@ -30,6 +40,10 @@ _MAX_CHECKPOINTS = 50  # entries re-checked per ledger (always including the las
 _CHECKPOINT_DISCRETIZATION = 1e-3  # 5x faster PLD; within 0.2% of the fine grid
 _RELATIVE_TOLERANCE = 0.02  # PRV and PLD discretise differently; both are upper bounds
 _ABSOLUTE_TOLERANCE = 0.01
+AUTHORITATIVE = (
+    "epsilon_recorded (the bank's PRV accountant, which enforces its budget), checked against "
+    "epsilon_pld; epsilon_rdp is a looser upper bound, for reference only"
+)
 
 
 def dp_accounting_epsilon(
@@ -83,6 +97,9 @@ class BankAudit:
     anchors_checked: int | None = None  # None: audited without anchors
     checked_entries: int = 0
     curve: list[tuple[int, int, float]] = field(default_factory=list)  # (seq, round, ε)
+    field_problems: list[str] = field(default_factory=list)  # NaN, negative, not a number
+    duplicate_problems: list[str] = field(default_factory=list)  # same ledger or bank twice
+    first_entry_hash: str | None = None  # one ledger's identity: copies share it
 
     @property
     def remaining(self) -> float | None:
@@ -95,10 +112,29 @@ class BankAudit:
     @property
     def ledger_broken(self) -> bool:
         """The ledger cannot be trusted as the record of what was released."""
-        return bool(self.chain_problems or self.anchor_problems or self.ledger_problems)
+        return bool(
+            self.chain_problems
+            or self.anchor_problems
+            or self.ledger_problems
+            or self.field_problems
+            or self.duplicate_problems
+        )
+
+    @property
+    def all_problems(self) -> list[str]:
+        """Every problem found, the ones that break the ledger first."""
+        return [
+            *self.chain_problems,
+            *self.field_problems,
+            *self.duplicate_problems,
+            *self.anchor_problems,
+            *self.ledger_problems,
+            *self.problems,
+        ]
 
     @property
     def exceeded(self) -> bool:
+        """Over budget by the authoritative figures: PRV (recorded) or PLD; never by RDP."""
         spent = max(self.epsilon_recorded, self.epsilon_pld)
         return self.budget is not None and spent > self.budget * (1 + 1e-9)
 
@@ -120,6 +156,7 @@ class BankAudit:
             "understated": self.understated,
             "exceeded": self.exceeded,
             "ok": self.ok,
+            "authoritative": AUTHORITATIVE,
         }
 
 
@@ -139,6 +176,14 @@ def audit_state_dir(state_dir: Path, anchors: list[LedgerAnchor] | None = None) 
         )
     if entries:
         audit.bank = str(entries[-1].get("bank", name))
+        audit.first_entry_hash = str(entries[0].get("hash"))
+    audit.field_problems += [
+        f"{ledger.path}: {problem}"
+        for line, entry in enumerate(entries, start=1)
+        for problem in entry_field_problems(entry, line)
+    ]
+    if audit.field_problems:  # nothing below can be computed from such numbers
+        return audit
     audit.ledger_problems += uncharged_train_releases(entries)
     if anchors is not None:
         names = {audit.bank, name} | {str(e["bank"]) for e in entries if "bank" in e}
@@ -152,17 +197,13 @@ def audit_state_dir(state_dir: Path, anchors: list[LedgerAnchor] | None = None) 
     audit.runs = len({e.get("run_id") for e in entries})
     audit.delta = float(entries[-1].get("delta", 0.0))
     audit.budget = float(entries[-1]["epsilon_budget"]) if "epsilon_budget" in entries[-1] else None
-    try:
-        events_per_entry = [events_of(e) for e in entries]
-    except TypeError as exc:
-        audit.problems.append(f"unreadable DP events ({exc})")
-        return audit
+    events_per_entry = [events_of(e) for e in entries]  # checked by entry_field_problems
     all_events = [event for events in events_per_entry for event in events]
     audit.epsilon_recorded = float(entries[-1].get("epsilon_cumulative", 0.0))
     audit.epsilon_pld = dp_accounting_epsilon(all_events, audit.delta, "pld")
     audit.epsilon_rdp = dp_accounting_epsilon(all_events, audit.delta, "rdp")
     audit.curve = [  # one point per training release: ε only moves when the bank trains
-        (int(e.get("seq", i + 1)), int(e.get("server_round", 0)), float(e["epsilon_cumulative"]))
+        (i + 1, int(e.get("server_round", 0)), float(e["epsilon_cumulative"]))
         for i, e in enumerate(entries)
         if "epsilon_cumulative" in e and e.get("kind") == "train"
     ]
@@ -182,6 +223,89 @@ def audit_state_dir(state_dir: Path, anchors: list[LedgerAnchor] | None = None) 
                 f"independent PLD {independent:.4f}"
             )
     return audit
+
+
+_DP_EVENT_FIELDS = {"noise_multiplier", "sample_rate", "steps", "max_grad_norm"}
+
+
+def entry_field_problems(entry: dict[str, Any], line: int) -> list[str]:
+    """Each number in a ledger entry that no bank writes: NaN, infinite, negative, not a number.
+
+    Checked before any accounting, so a hand-edited or corrupted value is named with its line
+    and field instead of ending in a traceback (or, worse, in a number).
+    """
+    problems: list[str] = []
+
+    def check(where: str, value: Any, valid: Any, wanted: str) -> None:
+        if not _is_number(value):
+            problems.append(f"line {line}: {where} is {value!r}, not a number ({wanted})")
+        elif not math.isfinite(value) or not valid(value):
+            problems.append(f"line {line}: {where} is {value!r}; it must be {wanted}")
+
+    optional = {
+        "epsilon_cumulative": (lambda v: v >= 0, "a finite ε of 0 or more"),
+        "epsilon_budget": (lambda v: v > 0, "a finite, positive ε budget"),
+        "delta": (lambda v: 0 < v < 1, "a δ in (0, 1)"),
+    }
+    for key, (valid, wanted) in optional.items():
+        if key in entry:
+            check(key, entry[key], valid, wanted)
+    if "server_round" in entry:
+        check("server_round", entry["server_round"], _whole_non_negative, "a round number")
+    events = entry.get("dp_events", [])
+    if not isinstance(events, list):
+        return [*problems, f"line {line}: dp_events is {events!r}, not a list of DP events"]
+    for number, event in enumerate(events, start=1):
+        where = f"dp_events[{number}]"
+        if not isinstance(event, dict) or set(event) != _DP_EVENT_FIELDS:
+            problems.append(
+                f"line {line}: {where} is not a DP event (wanted exactly "
+                f"{', '.join(sorted(_DP_EVENT_FIELDS))})"
+            )
+            continue
+        check(f"{where}.noise_multiplier", event["noise_multiplier"], lambda v: v > 0, "> 0")
+        check(f"{where}.sample_rate", event["sample_rate"], lambda v: 0 < v <= 1, "in (0, 1]")
+        check(f"{where}.steps", event["steps"], _plausible_steps, "a whole number, 0 to 10^9")
+        check(f"{where}.max_grad_norm", event["max_grad_norm"], lambda v: v > 0, "> 0")
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole_non_negative(value: float) -> bool:
+    return value >= 0 and float(value).is_integer()
+
+
+def _plausible_steps(value: float) -> bool:
+    return _whole_non_negative(value) and value <= 1e9
+
+
+def duplicate_ledgers(audits: list[BankAudit]) -> None:
+    """Flag the same ledger (a copied state dir) or the same bank found twice in one audit.
+
+    Each bank has one accountant for its whole life: two copies of its ledger would count
+    its spending twice, or hide one copy's later releases behind the other's.
+    """
+    for key, what in (
+        (lambda a: a.first_entry_hash, "the same ledger (same first entry) as"),
+        (lambda a: a.bank if a.entries else None, "ledger of the same bank name as"),
+    ):
+        groups: dict[str, list[BankAudit]] = {}
+        for audit in audits:
+            value = key(audit)
+            if value is not None:
+                groups.setdefault(value, []).append(audit)
+        for group in groups.values():
+            for audit in group if len(group) > 1 else []:
+                others = ", ".join(a.state_dir for a in group if a is not audit)
+                problem = (
+                    f"{audit.state_dir}: {what} {others}: one bank's state twice (a copy?); "
+                    "audit each bank's state dir once"
+                )
+                if not audit.duplicate_problems:  # which copy is the bank's own is unknown
+                    audit.duplicate_problems.append(problem)
 
 
 def bank_name_of_dir(state_dir: Path) -> str:
@@ -296,20 +420,26 @@ def _checkpoints(entries: list[dict[str, Any]]) -> list[int]:
 def find_state_dirs(path: Path) -> list[Path]:
     """A bank's state dir itself, or every state dir below a run directory."""
     if not path.exists():
-        raise LedgerError(f"{path}: no such file or directory")
+        raise ConfigError(f"PATH {path}: no such file or directory")
     if path.is_file():
+        if path.name != LEDGER_FILE:
+            raise ConfigError(f"PATH {path}: not a {LEDGER_FILE}; give a state or run dir")
         path = path.parent
     if (path / LEDGER_FILE).exists():
         return [path]
     found = sorted(p.parent for p in path.rglob(LEDGER_FILE))
     if not found:
-        raise LedgerError(f"{path}: no {LEDGER_FILE} here or below; is this a state or run dir?")
+        raise ConfigError(
+            f"PATH {path}: no {LEDGER_FILE} here or below; is this a state or run dir?"
+        )
     return found
 
 
 def audit_path(path: Path, anchors: list[LedgerAnchor] | None = None) -> list[BankAudit]:
     """Audit every ledger at or below `path`, against `anchors` when given."""
-    return [audit_state_dir(state_dir, anchors) for state_dir in find_state_dirs(path)]
+    audits = [audit_state_dir(state_dir, anchors) for state_dir in find_state_dirs(path)]
+    duplicate_ledgers(audits)
+    return audits
 
 
 def unaudited_anchored_banks(audits: list[BankAudit], anchors: list[LedgerAnchor]) -> list[str]:

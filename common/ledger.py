@@ -43,6 +43,14 @@ def events_of(entry: dict[str, Any]) -> list[DpEvent]:
     return [DpEvent(**event) for event in entry.get("dp_events", [])]
 
 
+class _NonFinite(ValueError):
+    """NaN or Infinity in a ledger line: JSON allows neither, and `canonical_json` refuses them."""
+
+
+def _refuse_non_finite(constant: str) -> float:
+    raise _NonFinite(constant)
+
+
 @dataclass(frozen=True)
 class ChainCheck:
     """The result of verifying a ledger's hash chain."""
@@ -66,9 +74,16 @@ def verify_lines(raw: bytes, source: str) -> ChainCheck:
     previous = GENESIS_HASH
     for number, line in enumerate(lines, start=1):
         try:
-            entry = json.loads(line)
+            entry = json.loads(line, parse_constant=_refuse_non_finite)
             if not isinstance(entry, dict):
                 raise ValueError("not an object")
+        except _NonFinite as exc:
+            problems.append(
+                f"{source}: line {number} holds {exc}, which a ledger never records "
+                "(the line was altered)"
+            )
+            previous = ""
+            continue
         except ValueError:
             problems.append(f"{source}: line {number} is not a JSON object")
             previous = ""

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import LedgerError
+from common.errors import ConfigError, LedgerError
 
 ANCHORS_FILE = "ledger-anchors.jsonl"
 
@@ -47,12 +47,14 @@ def append_anchors(path: Path, anchors: Iterable[LedgerAnchor]) -> None:
 def find_anchor_files(path: Path) -> list[Path]:
     """The anchors file itself, or every anchors file at or below a (server or run) directory."""
     if not path.exists():
-        raise LedgerError(f"{path}: no such anchors file or directory")
+        raise ConfigError(f"--anchors {path}: no such anchors file or directory")
     if path.is_file():
         return [path]
     found = sorted(path.rglob(ANCHORS_FILE))
     if not found:
-        raise LedgerError(f"{path}: no {ANCHORS_FILE} here or below; is this a server's out dir?")
+        raise ConfigError(
+            f"--anchors {path}: no {ANCHORS_FILE} here or below; is this a server's out dir?"
+        )
     return found
 
 

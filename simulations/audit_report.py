@@ -16,6 +16,10 @@ def audit_status(audit: BankAudit) -> str:
     """The first thing wrong with a bank's ledger, in capitals; "ok" when nothing is."""
     if audit.chain_broken:
         return "CHAIN BROKEN"
+    if audit.field_problems:
+        return "INVALID FIELD"
+    if audit.duplicate_problems:
+        return "DUPLICATE"
     if audit.anchor_problems:
         truncated = any(p.startswith("truncated") for p in audit.anchor_problems)
         return "TRUNCATED" if truncated else "REWRITTEN"
@@ -38,9 +42,9 @@ def audit_table(audits: list[BankAudit]) -> str:
         "releases",
         "anchored",
         "runs",
-        "ε recorded",
-        "ε PLD",
-        "ε RDP",
+        "ε recorded (PRV)",
+        "ε PLD (check)",
+        "ε RDP (looser)",
         "δ",
         "budget",
         "remaining",
@@ -67,14 +71,17 @@ def audit_table(audits: list[BankAudit]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.append(
+    lines += [
         "releases = train + evaluate; anchored = replies whose (seq, hash) the server recorded "
-        "and the ledger was checked against; ε PLD/RDP recomputed with dp-accounting from the "
-        "ledger's DP events"
-    )
+        "and the ledger was checked against.",
+        "Authoritative: ε recorded, by the bank's PRV accountant, which enforces the budget; "
+        "ε PLD recomputes it independently with dp-accounting (both tight); status and "
+        "remaining use these.",
+        "ε RDP (dp-accounting) is a looser upper bound, for reference only: it may exceed the "
+        "budget while the status is ok.",
+    ]
     for a in audits:
-        problems = [*a.chain_problems, *a.anchor_problems, *a.ledger_problems, *a.problems]
-        lines += [f"{a.bank}: {problem}" for problem in problems]
+        lines += [f"{a.bank}: {problem}" for problem in a.all_problems]
         if a.anchors_checked == 0:
             lines.append(
                 f"{a.bank}: note: no anchor names this bank, so its ledger was not checked "
@@ -92,8 +99,17 @@ def write_audit_json(path: Path, audits: list[BankAudit]) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+_LINE_STYLES = ("-", "--", "-.", ":")
+BUDGET_COLOUR = "black"  # no bank's colour: matplotlib's C0-C9 cycle has no black
+
+
 def write_epsilon_plot(path: Path, audits: list[BankAudit]) -> None:
-    """Cumulative ε per bank over its releases, with each bank's budget as a dashed line."""
+    """Cumulative ε per bank over its releases, with each budget as a black dotted line.
+
+    Banks that spend alike draw the same curve; each gets its own marker, line style and
+    a small sideways offset, and later banks smaller markers, so every one stays visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,25 +117,50 @@ def write_epsilon_plot(path: Path, audits: list[BankAudit]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
-    for index, audit in enumerate(audits):
-        colour = f"C{index % 10}"
-        if audit.curve:
-            xs = list(range(len(audit.curve) + 1))
-            ys = [0.0] + [e for _, _, e in audit.curve]
-            axes.plot(xs, ys, marker="o", markersize=3, color=colour, label=audit.bank)
+    drawn = [a for a in audits if a.curve]
+    width = 0.25  # the offsets spread the banks over a quarter of a round
+    for index, audit in enumerate(drawn):
+        offset = (index / max(len(drawn) - 1, 1) - 0.5) * width if len(drawn) > 1 else 0.0
+        xs = [x + offset for x in range(len(audit.curve) + 1)]
+        ys = [0.0] + [e for _, _, e in audit.curve]
+        axes.plot(
+            xs,
+            ys,
+            color=f"C{index % 10}",
+            marker=_MARKERS[index % len(_MARKERS)],
+            markersize=max(7 - 0.4 * index, 3),
+            markerfacecolor="none" if index % 2 else None,
+            linestyle=_LINE_STYLES[index % len(_LINE_STYLES)],
+            linewidth=1.2,
+            alpha=0.85,
+            label=audit.bank,
+        )
+    budgets: dict[float, list[str]] = {}
+    for audit in audits:
         if audit.budget is not None:
-            axes.axhline(audit.budget, color=colour, linestyle="--", linewidth=0.8)
-    axes.set_xlabel("training rounds released (all runs, in order)")
+            budgets.setdefault(audit.budget, []).append(audit.bank)
+    for budget, banks in sorted(budgets.items()):
+        who = banks[0] if len(banks) == 1 else f"{len(banks)} banks"
+        axes.axhline(
+            budget,
+            color=BUDGET_COLOUR,
+            linestyle=":",
+            linewidth=1.0,
+            label=f"budget ε = {budget:g} ({who})",
+        )
+    axes.set_xlabel("training rounds released (all runs, in order; banks offset sideways)")
     axes.set_ylim(bottom=0)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_ylabel("cumulative ε")
-    axes.set_title("Privacy spent per bank (dashed: budget)")
-    if any(a.curve for a in audits):
+    axes.set_ylabel("cumulative ε (recorded, PRV)")
+    axes.set_title("Privacy spent per bank (black dotted: budget)")
+    if drawn or budgets:
         axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
 
     def save(tmp: Path) -> None:
         figure.savefig(tmp, format="png", dpi=110)
 
-    write_atomically(path, save)
-    plt.close(figure)
+    try:
+        write_atomically(path, save)
+    finally:
+        plt.close(figure)

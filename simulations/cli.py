@@ -5,7 +5,11 @@ Any `FedfinError` becomes `fedfin <command>: error: <message>` on stderr and its
 
 import argparse
 import json
+import logging
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -21,11 +25,40 @@ if TYPE_CHECKING:
     from common.sources import DataSource
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless it has none or already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or "(default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives one line, not the usage block."""
+    """argparse, but a bad flag gives one line, not the usage block; defaults in the help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def installed_version() -> str:
+    """fedfin's version from the installed distribution's metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedfin")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _number(
@@ -107,7 +140,12 @@ def _add_empirical_audit_flags(audit: argparse.ArgumentParser) -> None:
     empirical.add_argument("--empirical", action="store_true", help="run the canary audit")
     empirical.add_argument("--data", type=Path, help="the bank's data (dir or CSV/Parquet)")
     empirical.add_argument("--encoder", type=Path, help="encoder checkpoint directory")
-    empirical.add_argument("--canaries", type=_positive_int("--canaries"), default=1000)
+    empirical.add_argument(
+        "--canaries",
+        type=_positive_int("--canaries"),
+        default=1000,
+        help="white-box canaries, half of them trained on",
+    )
     empirical.add_argument(
         "--guesses",
         type=_non_negative_int("--guesses"),
@@ -120,17 +158,36 @@ def _add_empirical_audit_flags(audit: argparse.ArgumentParser) -> None:
         default=4.0,
         help="claimed ε of the audited plan (fixes σ for --steps steps at q = 1)",
     )
-    empirical.add_argument("--steps", type=_positive_int("--steps"), default=20)
-    empirical.add_argument("--delta", type=_probability("--delta"), default=1e-5)
-    empirical.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0)
+    empirical.add_argument(
+        "--steps", type=_positive_int("--steps"), default=20, help="DP-SGD steps of the round"
+    )
+    empirical.add_argument(
+        "--delta", type=_probability("--delta"), default=1e-5, help="δ of the claimed ε"
+    )
+    empirical.add_argument(
+        "--max-grad-norm",
+        type=_positive_float("--max-grad-norm"),
+        default=1.0,
+        help="DP-SGD clipping norm",
+    )
     empirical.add_argument(
         "--sample-rate",
         type=_probability("--sample-rate"),
         default=0.05,
         help="the bank's Poisson rate for its data (1/k)",
     )
-    empirical.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
-    empirical.add_argument("--seed", type=_non_negative_int("--seed"), default=0)
+    empirical.add_argument(
+        "--batch-size",
+        type=_positive_int("--batch-size"),
+        default=64,
+        help="expected batch size of the bank's own rows",
+    )
+    empirical.add_argument(
+        "--seed",
+        type=_non_negative_int("--seed"),
+        default=0,
+        help="seed of the canaries and of this audit's noise (it releases nothing)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
             "keeps a private head and an enforced privacy budget."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"fedfin {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     pre = commands.add_parser(
@@ -160,8 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="banks the data is split into (the rest is the public pool)",
     )
     pre.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    pre.add_argument("--epochs", type=_positive_int("--epochs"), default=40)
-    pre.add_argument("--lr", type=_positive_float("--lr"), default=3e-3)
+    pre.add_argument(
+        "--epochs", type=_positive_int("--epochs"), default=40, help="passes over the public pool"
+    )
+    pre.add_argument(
+        "--lr", type=_positive_float("--lr"), default=3e-3, help="learning rate (Adam)"
+    )
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(run=_run_pretrain)
 
@@ -184,23 +246,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="each bank's ε budget (whole life of its state dir)",
     )
     sim.add_argument("--delta", type=_probability("--delta"), default=1e-5, help="each bank's δ")
-    sim.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0)
+    sim.add_argument(
+        "--max-grad-norm",
+        type=_positive_float("--max-grad-norm"),
+        default=1.0,
+        help="DP-SGD clipping norm of each record's gradient",
+    )
     sim.add_argument(
         "--min-noise",
         type=_positive_float("--min-noise"),
         default=0.5,
         help="the banks' floor on the noise multiplier",
     )
-    sim.add_argument("--strategy", choices=STRATEGY_NAMES, default="fedavg")
+    sim.add_argument(
+        "--strategy", choices=STRATEGY_NAMES, default="fedavg", help="how the server aggregates"
+    )
     sim.add_argument(
         "--mode",
         choices=FINE_TUNE_MODES,
         default="full",
         help="full: encoder + head each step; fedrep: head steps, then encoder steps",
     )
-    sim.add_argument("--local-epochs", type=_positive_float("--local-epochs"), default=1.0)
-    sim.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
-    sim.add_argument("--lr", type=_positive_float("--lr"), default=2e-3)
+    sim.add_argument(
+        "--local-epochs",
+        type=_positive_float("--local-epochs"),
+        default=1.0,
+        help="passes over a bank's training rows per round (fractions allowed)",
+    )
+    sim.add_argument(
+        "--batch-size",
+        type=_positive_int("--batch-size"),
+        default=64,
+        help="expected Poisson batch size (sets each bank's sample rate)",
+    )
+    sim.add_argument(
+        "--lr", type=_positive_float("--lr"), default=2e-3, help="banks' learning rate"
+    )
     sim.add_argument("--encoder", type=Path, help="pretrained encoder dir (default: pretrain)")
     sim.add_argument("--out", type=Path, required=True, help="run directory (reuse to continue)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's log")
@@ -214,9 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Verify each ledger's hash chain, recompute cumulative ε from the recorded DP events "
             "with dp-accounting (PLD and RDP), and report releases, ε, δ, budget and what "
             "remains per bank. With --anchors, check each ledger still holds every (seq, hash) "
-            "the server recorded from the bank's replies. Exits 5 if a ledger is broken "
-            "(chain, anchors, partial last line, a train release without DP events), 4 if a "
-            "recorded ε is understated or a budget is exceeded."
+            "the server recorded from the bank's replies. The recorded ε (the bank's PRV "
+            "accountant, which enforces its budget) is authoritative and PLD checks it; RDP is "
+            "shown as a looser upper bound. Exits 5 if a ledger is broken (chain, anchors, "
+            "partial last line, a train release without DP events, a NaN, negative or "
+            "non-numeric field, the same ledger or bank twice), 4 if a recorded ε is "
+            "understated or a budget is exceeded, 2 if PATH or a flag is wrong."
         ),
     )
     audit.add_argument(
@@ -235,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         type=Path,
         help=(
-            "PNG of cumulative ε per bank (default: PATH/privacy-audit.png); with --empirical, "
-            "of the canary scores (default: ./empirical-audit.png)"
+            "PNG of cumulative ε per bank (default: privacy-audit.png beside --json, else in "
+            "the current directory; never inside a bank's state dir); with --empirical, of the "
+            "canary scores (default: ./empirical-audit.png)"
         ),
     )
     _add_empirical_audit_flags(audit)
@@ -257,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="DNS name or IP of the SuperLink (repeat for several)",
     )
-    certs.add_argument("--days", type=_positive_int("--days"), default=365)
+    certs.add_argument(
+        "--days", type=_positive_int("--days"), default=365, help="validity of the certificates"
+    )
     certs.set_defaults(run=_run_certs)
 
     keys = commands.add_parser(
@@ -294,8 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_data_flags(split)
-    split.add_argument("--banks", type=_positive_int("--banks"), default=3)
-    split.add_argument("--out", type=Path, required=True)
+    split.add_argument(
+        "--banks",
+        type=_positive_int("--banks"),
+        default=3,
+        help="banks the data is split into (the rest is the public pool)",
+    )
+    split.add_argument("--out", type=Path, required=True, help="directory to write the tables to")
     split.set_defaults(run=_run_split)
     add_bank_commands(commands)
     add_runner_commands(commands)
@@ -400,7 +492,7 @@ def _run_audit(args: argparse.Namespace) -> int:
         return _run_empirical_audit(args)
     if args.path is None:
         raise ConfigError("audit needs PATH (a state or run dir), or --empirical")
-    from common.audit import audit_path, unaudited_anchored_banks
+    from common.audit import audit_path, find_state_dirs, unaudited_anchored_banks
     from common.errors import LedgerError, PrivacyBudgetError
     from common.ledger_anchors import read_anchors
     from simulations.audit_report import (
@@ -410,27 +502,72 @@ def _run_audit(args: argparse.Namespace) -> int:
         write_epsilon_plot,
     )
 
+    state_dirs = find_state_dirs(args.path)
+    plot, skipped = _audit_outputs(args, state_dirs)
     anchors = read_anchors(args.anchors) if getattr(args, "anchors", None) else None
     audits = audit_path(args.path, anchors)
+    if args.json:  # files first: a closed pipe or a full disk leaves no half a report
+        write_audit_json(args.json, audits)
+    if plot is not None:
+        write_epsilon_plot(plot, audits)
     print(audit_table(audits))
     if anchors is not None:
         print(f"anchors: {len(anchors)} recorded replies from {args.anchors}")
         absent = unaudited_anchored_banks(audits, anchors)
         if absent:
             print(f"anchors also name banks with no ledger here (not audited): {', '.join(absent)}")
-    if args.json:
-        write_audit_json(args.json, audits)
-    directory = args.path if args.path.is_dir() else args.path.parent
-    plot = args.plot or directory / "privacy-audit.png"
-    write_epsilon_plot(plot, audits)
-    print(f"plot: {plot}" + (f"; json: {args.json}" if args.json else ""))
-    broken = [f"{a.bank} ({audit_status(a).lower()})" for a in audits if a.ledger_broken]
+    print((f"plot: {plot}" if plot else skipped) + (f"; json: {args.json}" if args.json else ""))
+    broken = [a for a in audits if a.ledger_broken]
     if broken:
-        raise LedgerError(f"ledger broken for {', '.join(broken)}")
+        names = ", ".join(f"{a.bank} ({audit_status(a).lower()})" for a in broken)
+        raise LedgerError(f"ledger broken for {names}: {broken[0].all_problems[0]}")
     failing = [a.bank for a in audits if not a.ok]
     if failing:
         raise PrivacyBudgetError(f"ε understated or budget exceeded for {', '.join(failing)}")
     return 0
+
+
+AUDIT_PLOT = "privacy-audit.png"
+
+
+def _audit_outputs(args: argparse.Namespace, state_dirs: list[Path]) -> tuple[Path | None, str]:
+    """Where the audit's plot goes, checked with --json before anything is read or written.
+
+    Never into a bank's state dir: an explicit --plot or --json there is refused, and the
+    default (beside --json, else ./privacy-audit.png) is skipped with a note if it would be.
+    """
+    guarded = [d.resolve() for d in state_dirs]
+
+    def inside_state_dir(path: Path) -> Path | None:
+        target = path.resolve()
+        return next((d for d in guarded if target == d or d in target.parents), None)
+
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a directory; give a file name")
+        state_dir = inside_state_dir(path)
+        if state_dir is not None:
+            raise ConfigError(
+                f"{flag} {path}: inside the bank state dir {state_dir}; the audit never "
+                "writes there"
+            )
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise ConfigError(f"--plot {args.plot}: use a .png file name")
+    if (
+        args.plot is not None
+        and args.json is not None
+        and args.plot.resolve() == args.json.resolve()
+    ):
+        raise ConfigError(f"--plot and --json are the same file ({args.plot})")
+    if args.plot is not None:
+        return args.plot, ""
+    plot = (args.json.parent if args.json else Path()) / AUDIT_PLOT
+    state_dir = inside_state_dir(plot)
+    if state_dir is not None or (args.json is not None and plot.resolve() == args.json.resolve()):
+        return None, f"plot: not written (the default {plot} is in {state_dir}; pass --plot)"
+    return plot, ""
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
@@ -463,7 +600,11 @@ def _run_simulate(args: argparse.Namespace) -> int:
         encoder_dir=args.encoder,
         verbose=args.verbose,
     )
-    report = simulate(request)
+    progress = StartupProgress(args.banks)
+    try:
+        report = simulate(request, echo=progress)
+    finally:
+        progress.stop()
     print(bank_table(report))
     print(f"report: {args.out / 'report.json'}")
     if args.no_audit:
@@ -480,6 +621,51 @@ def _run_simulate(args: argparse.Namespace) -> int:
             plot=args.out / "privacy-audit.png",
         )
     )
+
+
+class StartupProgress:
+    """simulate's lines, plus a word while nothing else would print (before round 1 ends).
+
+    Starting Flower's engine and every bank's first DP round takes 20-60 s on 2 cores; after
+    `HEARTBEAT_S` of silence it prints how long it has been waiting, until the next line.
+    """
+
+    HEARTBEAT_S = 15.0
+
+    def __init__(self, banks: int) -> None:
+        self.banks = banks
+        self._lines = 0
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="fedfin-progress", daemon=True)
+        self._thread.start()
+
+    def __call__(self, message: str) -> None:
+        self._last = time.monotonic()
+        self._lines += 1
+        print(message, flush=True)
+        if message.startswith("federating "):
+            print(
+                f"starting Flower's simulation engine and {self.banks} bank workers; each bank "
+                "checks its data and budget, then trains round 1 with DP-SGD (its line comes "
+                "when every bank has replied)",
+                flush=True,
+            )
+
+    def _beat(self) -> None:
+        beats = 0
+        last = self._last
+        while not self._stopped.wait(1.0):
+            if self._last != last:  # a line came: count again from it
+                beats, last = 0, self._last
+            waited = time.monotonic() - last
+            if waited >= self.HEARTBEAT_S * (beats + 1):
+                beats += 1
+                print(f"  ... still working ({waited:.0f} s since the last line)", flush=True)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
@@ -509,8 +695,19 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    stdout = sys.stdout
+    sys.stdout = _ClosedPipeIsQuiet(stdout)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _log_like_flower(getattr(args, "verbose", False))
+        return _run(args)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code: int = args.run(args)
         return code
@@ -523,6 +720,95 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fedfin {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+class _ClosedPipeIsQuiet:
+    """stdout that goes quiet when its reader leaves (`fedfin audit RUN | head`).
+
+    The command still finishes, writes its files and returns its own exit code; what it
+    prints after the reader left goes to /dev/null instead of ending in a BrokenPipeError.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        except (OSError, ValueError):
+            pass  # not a real file (a test's capture): nothing to redirect
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+_FLOWER_COLOURS = {
+    "DEBUG": "\033[94m",
+    "INFO": "\033[92m",
+    "WARNING": "\033[93m",
+    "ERROR": "\033[91m",
+    "CRITICAL": "\033[95m",
+}
+
+
+class _FlowerStyle(logging.Formatter):
+    """fedfin's log lines in Flower's console format (`INFO :      message`), so the two
+    interleave as one log; coloured, as Flower's are, only on a terminal."""
+
+    def __init__(self, coloured: bool) -> None:
+        super().__init__()
+        self.coloured = coloured
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname
+        colour, reset = (_FLOWER_COLOURS.get(level, ""), "\033[0m") if self.coloured else ("", "")
+        separator = " " * (8 - len(level))
+        formatter = logging.Formatter(f"{colour}%(levelname)s {reset}: {separator} %(message)s")
+        return formatter.format(record)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not when the handler was made."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def _log_like_flower(verbose: bool) -> None:
+    """One handler for fedfin's loggers, in Flower's format: warnings, or all with --verbose."""
+    logger = logging.getLogger("fedfin")
+    if verbose:
+        logger.setLevel(logging.INFO)
+    level = logging.INFO if verbose else logging.WARNING
+    for handler in logger.handlers:
+        if isinstance(handler.formatter, _FlowerStyle):
+            handler.setLevel(level)
+            return
+    handler = _StderrHandler()
+    handler.setLevel(level)
+    handler.setFormatter(_FlowerStyle(coloured=sys.stderr.isatty()))
+    logger.addHandler(handler)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from client.scoring import RowNotes
+
 # Heavy imports (pandas, torch, captum, uvicorn) wait until a command runs: `fedfin --help`
 # stays fast.
 
-PROBABILITY_COLUMN = "default_probability"
-DECISION_COLUMN = "decision"
+PROBABILITY_COLUMN = "default_probability"  # as client.scoring names them (not imported:
+DECISION_COLUMN = "decision"  # it loads torch, and `fedfin --help` must stay fast)
 
 
 def _number(flag: str, low: float, high: float) -> Callable[[str], float]:
@@ -103,9 +105,17 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         help="the pretrained checkpoint (with source_head.npz), e.g. RUN/pretrained",
     )
     choose.add_argument("--data", type=Path, required=True, help="the bank's data-path")
-    choose.add_argument("--test-fraction", type=_number("--test-fraction", 0.0, 1.0), default=0.25)
     choose.add_argument(
-        "--validation-fraction", type=_number("--validation-fraction", 0.0, 1.0), default=0.2
+        "--test-fraction",
+        type=_number("--test-fraction", 0.0, 1.0),
+        default=0.25,
+        help="the bank's node config test-fraction (the split it trained with)",
+    )
+    choose.add_argument(
+        "--validation-fraction",
+        type=_number("--validation-fraction", 0.0, 1.0),
+        default=0.2,
+        help="the bank's node config validation-fraction",
     )
     choose.set_defaults(run=run_choose_model)
 
@@ -114,11 +124,15 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         help="score applications with the model this bank serves (see choose-model)",
         description=(
             "Print the model card (which model this bank serves for --encoder, public or "
-            "federated, why, and its calibration), validate a CSV/Parquet of applications "
-            "against the encoder's schema and write it back with a "
-            f"'{PROBABILITY_COLUMN}' column (and '{DECISION_COLUMN}' with --threshold) to "
-            "--out, as CSV or Parquet by its suffix. If --data has the label column, also "
-            "print a reliability table and write <out>-reliability.png. Runs offline."
+            "federated, why, its calibration and model version), validate a CSV/Parquet of "
+            "applications against the encoder's schema and write it back with a "
+            f"'{PROBABILITY_COLUMN}' column (and '{DECISION_COLUMN}' with --threshold), "
+            "'reason_codes' (the features pushing each score towards default most, e.g. "
+            "int_rate_high), 'imputed' (features missing in the row, imputed as in training) "
+            "and 'unseen_categories' (values the model never saw, scored as unknown) to --out, "
+            "as CSV or Parquet by its suffix. An id and any other column are kept as they are. "
+            "If --data has the label column, also print a reliability table and write "
+            "<out>-reliability.png. Runs offline."
         ),
     )
     _add_model_flags(score)
@@ -128,6 +142,12 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         "--threshold",
         type=_number("--threshold", 0.0, 1.0),
         help="add a decision column: 'decline' at or above this default probability",
+    )
+    score.add_argument(
+        "--reasons",
+        type=_integer("--reasons", 0),
+        default=4,
+        help="reason codes per application (0: no reason_codes column, faster)",
     )
     score.set_defaults(run=run_score)
 
@@ -161,7 +181,9 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         default=500,
         help="rows of --data for the global importance (seeded sample)",
     )
-    explain.add_argument("--seed", type=_integer("--seed", 0), default=0)
+    explain.add_argument(
+        "--seed", type=_integer("--seed", 0), default=0, help="seed of the global sample"
+    )
     explain.add_argument(
         "--steps",
         type=_integer("--steps", 2),
@@ -174,19 +196,38 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         help="HTTP service inside the bank: POST /score, POST /explain, GET /health",
         description=(
             "Load the model once and serve it over HTTP (FastAPI on uvicorn). The body of "
-            "/score and /explain is one application as a JSON object of feature: value; bad "
-            "input gets a 422 naming the field. Binds to 127.0.0.1 unless --host says otherwise."
+            "/score is one application as a JSON object of feature: value, or a list of up to "
+            "--max-batch of them; /explain takes one. The column rules are `fedfin score`'s: "
+            "every feature present (null or empty is imputed), an 'id' and other fields kept "
+            "out of the model. Each answer carries the request id, the model version, reason "
+            "codes, imputed features and unseen categories; bad input gets a 422 naming the "
+            "field. One JSON line per request goes to --request-log. Binds to 127.0.0.1 unless "
+            "--host says otherwise."
         ),
     )
     _add_model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
     serve.add_argument(
         "--threshold",
         type=_number("--threshold", 0.0, 1.0),
         help="add a decision to /score: 'decline' at or above this default probability",
     )
-    serve.add_argument("--no-explain", action="store_true", help="leave out /explain")
+    serve.add_argument(
+        "--no-explain", action="store_true", help="leave out /explain and reason codes (faster)"
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=_integer("--max-batch", 1),
+        default=1000,
+        help="most applications in one POST /score",
+    )
+    serve.add_argument(
+        "--request-log",
+        type=Path,
+        help="append one JSON line per request to this file (default: stderr); it holds no "
+        "applicant data beyond the 'id' a caller sends",
+    )
     serve.set_defaults(run=run_serve)
 
 
@@ -237,20 +278,29 @@ def run_score(args: argparse.Namespace) -> int:
     import numpy as np
 
     from client.model_choice import model_card_text, reliability_text, write_reliability_plot
-    from client.scoring import Scorer
+    from client.scoring import (
+        IMPUTED_COLUMN,
+        REASONS_COLUMN,
+        UNSEEN_COLUMN,
+        Scorer,
+        check_application_columns,
+    )
     from common.metrics import reliability_table
     from common.tables import read_table
 
     _check_table_path("--out", args.out)
+    if args.out.resolve() == args.data.resolve():
+        raise ConfigError(f"--out {args.out}: is --data; write the scores to another file")
     _set_threads(args.threads)
     scorer = Scorer.load(args.state_dir, args.encoder)
-    print(model_card_text(scorer.card))
     frame = read_table(args.data)
-    added = [PROBABILITY_COLUMN] + ([DECISION_COLUMN] if args.threshold is not None else [])
-    for column in added:
-        if column in frame.columns:
-            raise DataError(f"{args.data}: already has a column '{column}'; rename it first")
-    probability = scorer.score_frame(frame, str(args.data))
+    source = str(args.data)
+    check_application_columns(frame.columns, scorer.schema, source)
+    encoded = scorer.encode_frame(frame, source)
+    label = scorer.schema.label
+    observed = scorer.schema.encode_label(frame[label], source) if label in frame else None
+    probability = 1.0 / (1.0 + np.exp(-scorer.logits_encoded(encoded)))
+    notes = scorer.notes_frame(frame)
     scored = frame.copy()
     scored[PROBABILITY_COLUMN] = probability
     summary = f"mean default probability {probability.mean():.4f}"
@@ -258,11 +308,19 @@ def run_score(args: argparse.Namespace) -> int:
         declined = probability >= args.threshold
         scored[DECISION_COLUMN] = np.where(declined, "decline", "approve")
         summary += f"; {int(declined.sum())} at or above {args.threshold:g} (decline)"
+    if args.reasons:
+        from client.explain import Explainer
+
+        codes = Explainer(scorer).reason_codes(encoded.numeric, encoded.categorical, args.reasons)
+        scored[REASONS_COLUMN] = [";".join(row) for row in codes]
+    scored[IMPUTED_COLUMN] = [";".join(n.imputed) for n in notes]
+    scored[UNSEEN_COLUMN] = [";".join(f"{k}={v}" for k, v in n.unseen_categories) for n in notes]
     write_table(args.out, scored)
+    print(model_card_text(scorer.card))
+    for line in notes_summary(notes, source):
+        print(line)
     print(f"scored {len(frame)} applications ({summary}) -> {args.out}")
-    label = scorer.schema.label
-    if label in frame.columns:  # outcomes known (a back-test): how well calibrated on these rows
-        observed = scorer.schema.encode_label(frame[label], str(args.data))
+    if observed is not None:  # outcomes known (a back-test): how well calibrated on these rows
         bins = reliability_table(observed, probability)
         plot = args.out.with_name(f"{args.out.stem}-reliability.png")
         write_reliability_plot(plot, bins, args.data.name)
@@ -273,6 +331,36 @@ def run_score(args: argparse.Namespace) -> int:
         print(reliability_text(bins, indent="  "))
         print(f"reliability plot -> {plot}")
     return 0
+
+
+def notes_summary(notes: "list[RowNotes]", source: str) -> list[str]:
+    """Warnings for people: which values were imputed and which categories were never seen."""
+    lines = []
+    missing: dict[str, list[int]] = {}
+    unseen: dict[tuple[str, str], list[int]] = {}
+    for row, note in enumerate(notes):
+        for name in note.imputed:
+            missing.setdefault(name, []).append(row)
+        for pair in note.unseen_categories:
+            unseen.setdefault(pair, []).append(row)
+    for name, rows in missing.items():
+        lines.append(
+            f"warning: {source}: '{name}' is missing in {_rows_text(rows, len(notes))}; "
+            "imputed as in training (public median or unknown category); see the 'imputed' column"
+        )
+    for (name, value), rows in unseen.items():
+        lines.append(
+            f"warning: {source}: '{name}' value '{value}' in {_rows_text(rows, len(notes))} "
+            "was never seen by the model; scored as an unknown category; see 'unseen_categories'"
+        )
+    return lines
+
+
+def _rows_text(rows: list[int], total: int) -> str:
+    if total == 1:
+        return "the application"
+    shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    return f"{len(rows)} of {total} rows (row {shown}, 0-based)"
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -319,14 +407,23 @@ def run_serve(args: argparse.Namespace) -> int:
     from client.explain import Explainer
     from client.model_choice import model_card_text
     from client.scoring import Scorer
-    from client.serve import create_app
+    from client.serve import RequestLog, create_app
 
     _set_threads(args.threads)
     scorer = Scorer.load(args.state_dir, args.encoder)
     print(model_card_text(scorer.card))
     explainer = None if args.no_explain else Explainer(scorer)
-    app = create_app(scorer, explainer, args.threshold)
+    log = RequestLog(args.request_log)
+    app = create_app(scorer, explainer, args.threshold, max_batch=args.max_batch, request_log=log)
     endpoints = "/score, /health" + ("" if args.no_explain else ", /explain")
-    print(f"serving {endpoints} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    where = args.request_log or "stderr"
+    print(
+        f"serving {endpoints} on http://{args.host}:{args.port}; request log: {where} "
+        "(Ctrl-C to stop)",
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        log.close()
     return 0

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,13 @@ def _bank(state: Path, rounds: int, budget: float = 2.0, lie: float = 1.0) -> No
 
 
 def _audit(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The real command, run beside the audited dir: its default plot lands there."""
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", "audit", str(path), *extra],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=path.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=120,
     )
 
@@ -67,7 +70,7 @@ def test_audit_of_a_run_dir_covers_every_bank(tmp_path: Path) -> None:
         assert bank["train_releases"] == 3 and bank["chain_ok"]
         assert bank["epsilon_pld"] == pytest.approx(bank["epsilon_recorded"], rel=0.02)
         assert bank["remaining"] == pytest.approx(2.0 - bank["epsilon_recorded"])
-    assert (tmp_path / "privacy-audit.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "privacy-audit.png").read_bytes()[:4] == b"\x89PNG"  # beside --json
     assert "bank-00" in result.stdout and "bank-01" in result.stdout
 
 
@@ -98,7 +101,7 @@ def test_an_exceeded_budget_fails_the_audit(tmp_path: Path) -> None:
 
 def test_a_path_without_ledgers_is_one_clear_error(tmp_path: Path) -> None:
     result = _audit(tmp_path)
-    assert result.returncode == 5
+    assert result.returncode == 2  # a wrong PATH, not a broken ledger (5)
     assert result.stderr.strip().count("\n") == 0 and "ledger.jsonl" in result.stderr
     assert "Traceback" not in result.stderr
 

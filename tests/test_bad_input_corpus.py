@@ -261,7 +261,7 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], int, str]] = [
         5,
         "chain broken",
     ),
-    ("no ledger to audit", lambda ws: ["audit", str(ws.data)], 5, "ledger.jsonl"),
+    ("no ledger to audit", lambda ws: ["audit", str(ws.data)], 2, "ledger.jsonl"),
     (
         "applications missing a column",
         lambda ws: [

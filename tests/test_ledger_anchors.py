@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from common.audit import audit_path
 from common.checkpoint import load_encoder_checkpoint
 from common.config import FederationConfig
-from common.errors import LedgerError
+from common.errors import ConfigError, LedgerError
 from common.ledger import PrivacyLedger
 from common.ledger_anchors import ANCHORS_FILE, read_anchors
 from server.federation import _set_weights
@@ -208,8 +208,8 @@ def test_an_anchors_file_cut_mid_line_keeps_its_whole_lines_and_a_bad_line_is_an
     with pytest.raises(LedgerError, match="line 2 is not a ledger anchor"):
         read_anchors(path)
     (tmp_path / "server").mkdir()
-    with pytest.raises(LedgerError, match=r"no ledger-anchors\.jsonl here or below"):
-        read_anchors(tmp_path / "server")
+    with pytest.raises(ConfigError, match=r"no ledger-anchors\.jsonl here or below"):
+        read_anchors(tmp_path / "server")  # a wrong --anchors (exit 2), not a broken ledger
 
 
 def test_the_real_banks_replies_anchor_its_ledger_and_a_rollback_is_caught(

@@ -258,7 +258,14 @@ def test_score_command_writes_the_rows_with_probability_and_decision(
 
     scored = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
     assert code == 0
-    assert list(scored.columns) == [*bank.applications.columns, "default_probability", "decision"]
+    assert list(scored.columns) == [
+        *bank.applications.columns,
+        "default_probability",
+        "decision",
+        "reason_codes",
+        "imputed",
+        "unseen_categories",
+    ]
     expected = scorer.score_frame(bank.applications)
     np.testing.assert_allclose(scored["default_probability"], expected, atol=1e-6, rtol=0)
     assert (scored["decision"] == np.where(expected >= 0.05, "decline", "approve")).all()

@@ -34,10 +34,14 @@ LAUNCH = (
 )
 
 
+MAX_BATCH = 50
+
+
 class Server(NamedTuple):
     port: int
     bank: TrainedBank
     scorer: Scorer
+    request_log: Path
 
 
 def free_port() -> int:
@@ -90,12 +94,16 @@ def server(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> 
         str(port),
         "--threshold",
         str(THRESHOLD),
+        "--max-batch",
+        str(MAX_BATCH),
+        "--request-log",
+        str(request_log := tmp_path_factory.mktemp("serve-requests") / "requests.jsonl"),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with started(command, env, log, cwd=ROOT) as process:
         wait_until_healthy(port, process, log)
-        yield Server(port, bank, Scorer.load(bank.state_dir, bank.encoder_dir))
+        yield Server(port, bank, Scorer.load(bank.state_dir, bank.encoder_dir), request_log)
 
 
 def _application(server: Server, row: int = 0) -> dict[str, Any]:
@@ -157,7 +165,7 @@ def test_explain_over_http_gives_attributions_that_add_up(server: Server) -> Non
 @pytest.mark.parametrize(
     "change, field, message",
     [
-        ({"branch_code": "X1"}, "branch_code", "unknown field"),
+        ({"default_probability": 0.5}, "default_probability", "rename it"),
         ({"int_rate": "high"}, "int_rate", "valid number"),
         ({"funded_amnt": [1, 2]}, "funded_amnt", "valid number"),
         ({"term": {"months": 36}}, "term", "valid string"),
@@ -183,7 +191,9 @@ def test_a_missing_field_is_a_422_naming_it(server: Server) -> None:
     status, body = request(server.port, "POST", "/score", application)
 
     assert status == 422
-    assert body["detail"] == "field 'sub_grade': Field required"
+    assert body["detail"] == (
+        "field 'sub_grade': required feature is missing (send null if unknown: it is imputed)"
+    )
 
 
 def test_a_body_that_is_not_one_json_object_is_a_422(server: Server) -> None:
@@ -198,3 +208,120 @@ def test_no_page_loads_scripts_from_outside_the_bank(server: Server) -> None:
     """FastAPI's interactive docs fetch JavaScript from a CDN; the service does not offer them."""
     assert request(server.port, "GET", "/docs")[0] == 404
     assert request(server.port, "GET", "/redoc")[0] == 404
+
+
+# --- issue 15: the same column rules as `fedfin score`, batches, versions, a request log ----
+
+
+def test_an_id_and_extra_fields_are_kept_out_of_the_model_and_the_id_comes_back(
+    server: Server,
+) -> None:
+    application = _application(server, 5)
+    extended = {**application, "id": "loan-0005", "branch_code": "X1", "Class": "bad"}
+
+    status, body = request(server.port, "POST", "/score", extended)
+
+    assert status == 200 and body["id"] == "loan-0005"
+    assert body["default_probability"] == pytest.approx(
+        server.scorer.score_one(application), abs=1e-12
+    )
+    assert body["model_version"] == server.scorer.card["model_version"]
+    assert body["request_id"] and body["imputed"] == [] and body["unseen_categories"] == {}
+
+
+def test_a_batch_is_scored_in_order_with_reason_codes_and_one_model_version(
+    server: Server,
+) -> None:
+    applications = [{**_application(server, row), "id": row} for row in range(12)]
+
+    status, body = request(server.port, "POST", "/score", applications)
+
+    assert status == 200 and body["model_version"] == server.scorer.card["model_version"]
+    assert [r["id"] for r in body["results"]] == list(range(12))
+    for application, result in zip(applications, body["results"], strict=True):
+        assert result["default_probability"] == pytest.approx(
+            server.scorer.score_one(application), abs=1e-12
+        )
+        assert all(code.split("_")[0] for code in result["reason_codes"])
+        assert len(result["reason_codes"]) <= 4
+    single = request(server.port, "POST", "/score", applications[3])[1]
+    assert single["reason_codes"] == body["results"][3]["reason_codes"]
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda apps: [], "an empty list"),
+        (lambda apps: apps * (MAX_BATCH // len(apps) + 1), f"at most {MAX_BATCH} a request"),
+        (
+            lambda apps: [apps[0], {**apps[1], "int_rate": "high"}],
+            "application 1: field 'int_rate'",
+        ),
+        (lambda apps: [apps[0], "loan"], "application 1: expected a JSON object"),
+        (lambda apps: [{**apps[0], "id": [1]}], "application 0: field 'id'"),
+        (lambda apps: [{k: v for k, v in apps[0].items() if k != "term"}], "field 'term'"),
+    ],
+)
+def test_a_bad_batch_is_one_422_naming_the_application_and_field(
+    server: Server, make: Any, words: str
+) -> None:
+    applications = [_application(server, row) for row in range(3)]
+
+    status, body = request(server.port, "POST", "/score", make(applications))
+
+    assert status == 422 and words in body["detail"], body
+    assert body["model_version"] == server.scorer.card["model_version"]
+
+
+def test_an_empty_value_is_imputed_and_an_unseen_category_is_flagged(server: Server) -> None:
+    application = {**_application(server), "annual_inc": "", "sub_grade": "Z9"}
+
+    status, body = request(server.port, "POST", "/score", application)
+
+    assert status == 200
+    assert body["imputed"] == ["annual_inc"]
+    assert body["unseen_categories"] == {"sub_grade": "Z9"}
+    expected = server.scorer.score_one({**application, "annual_inc": None, "sub_grade": None})
+    assert body["default_probability"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_every_request_is_one_log_line_without_applicant_data(server: Server) -> None:
+    applications = [{**_application(server, row), "id": f"app-{row}"} for row in range(3)]
+    headers_id = "req-issue-15"
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request(
+            "POST",
+            "/score",
+            body=json.dumps(applications).encode(),
+            headers={"Content-Type": "application/json", "X-Request-ID": headers_id},
+        )
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        assert response.getheader("X-Request-ID") == headers_id == answer["request_id"]
+    finally:
+        connection.close()
+
+    deadline = time.monotonic() + 10
+    lines: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not lines:
+        text = server.request_log.read_text()
+        lines = [json.loads(line) for line in text.splitlines() if headers_id in line]
+    [record] = lines
+    assert record["rows"] == 3 and record["status"] == 200 and record["path"] == "/score"
+    assert record["ids"] == ["app-0", "app-1", "app-2"]
+    assert record["model_version"] == server.scorer.card["model_version"]
+    assert record["latency_ms"] > 0 and record["time"].endswith("+00:00")
+    assert set(record) == {
+        "time",
+        "request_id",
+        "method",
+        "path",
+        "status",
+        "rows",
+        "ids",
+        "model_version",
+        "latency_ms",
+    }
+    for feature in server.scorer.feature_names:
+        assert feature not in text  # no applicant data, not even a field name
