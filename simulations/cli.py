@@ -549,7 +549,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from common.config import PretrainConfig, SplitConfig
-    from server.pretrain import check_encoder_out, pretrain
+    from server.pretrain import check_encoder_out, fit_public_schema, pretrain
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
@@ -568,6 +568,15 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     check_encoder_out(args.out, provenance)
     split = source.split(split_config)
     print(split.summary())
+    # The public pool's problems (a column missing in all its groups) named as the pool's.
+    fit_public_schema(
+        split.public,
+        source.label,
+        source.positive_label,
+        config,
+        source.excluded_columns,
+        split.public_source(source.name),
+    )
     result = pretrain(
         split.public,
         source.label,
@@ -575,7 +584,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         args.out,
         config,
         exclude=source.excluded_columns,
-        source=split.public_source(source.name),
+        source=source.name,
         progress=not args.quiet,
         provenance=provenance,
     )

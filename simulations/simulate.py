@@ -112,7 +112,7 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
             encoder_dir,
             request.pretrain,
             exclude=request.source.excluded_columns,
-            source=public_source,
+            source=request.source.name,
             progress=request.verbose,
         )
     checkpoint = load_encoder_checkpoint(encoder_dir)
