@@ -157,7 +157,9 @@ def run_federation(
         rounds.append(record)
         if on_round is not None:
             on_round(record)
-        if not any(row.trained for row in summary.banks.values()):
+        if server_round < config.num_rounds and not any(
+            row.trained for row in summary.banks.values()
+        ):
             log.warning(
                 "round %d: every bank declined or failed (%s); stopping the federation "
                 "instead of writing more unchanged checkpoints",

@@ -767,3 +767,15 @@ def test_a_run_where_every_bank_declined_is_an_error_not_a_result(
     with pytest.raises(error, match=f"every bank declined round 2 of 5.*{words}") as caught:
         _refuse_a_run_where_every_bank_declined([trained, stopped], 5)
     assert caught.type is error
+
+
+def test_a_bank_table_with_missing_text_values_loads(tmp_path: Path) -> None:
+    """Real tables have blanks in categorical columns: the keyed split must hash them."""
+    from client.bank_data import keyed_test_mask
+
+    frame = pd.DataFrame({"home": ["rent", None, "own", np.nan], "amount": [1.0, np.nan, 3, 4]})
+    frame = frame.astype({"home": "str"})
+
+    mask = keyed_test_mask(frame, b"k" * 16, 0.5)
+
+    assert mask.dtype == bool and len(mask) == 4
