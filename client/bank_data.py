@@ -58,7 +58,7 @@ def _keyed_mask(frame: pd.DataFrame, key: bytes, fraction: float, person: bytes)
     columns = sorted(frame.columns, key=str)
     joined = pd.Series([""] * len(frame), index=frame.index, dtype=object)
     for number, column in enumerate(columns):
-        values = frame[column].astype(str)
+        values = frame[column].astype(object).map(str)  # missing values too: "nan"
         joined = values if number == 0 else joined + _FIELD_SEPARATOR + values
     threshold = fraction * _HASH_SCALE
     return np.fromiter(

@@ -4,6 +4,13 @@ Every preprocessing statistic (scaling, category vocabularies, imputation values
 fitted on the public/source pool only and shipped as JSON beside the encoder. Private
 data is validated and transformed with it, never used to fit it: no statistic of a
 bank's data leaves the bank through preprocessing.
+
+Column kinds follow `common.cells`: a column is numeric when every present value is a
+number (numbers written as text count: "1,250", "$1,250.00", "12%" = 12, "(5)" = -5);
+bool columns and text are categorical (booleans as "True"/"False"); a column of numbers
+with a few other values ("twelve", "-", "1.250,00") is a `DataError`, never a category.
+Blank cells and NA words are missing: the public median for numbers, the unknown bucket
+for categories.
 """
 
 import json
@@ -14,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.cells import MISSING_WORDS, category_text, clean_column, is_text, numbers_in_text
 from common.errors import CheckpointError, DataError
 
 SCHEMA_VERSION = 1
@@ -101,13 +109,12 @@ class FeatureSchema:
         for name in frame.columns:
             if name == label or name in exclude:
                 continue
-            column = frame[name]
+            column = clean_column(frame[name], str(name), source)
             if column.isna().all():
                 raise DataError(f"{source}: column '{name}' is entirely missing")
             if _is_numeric(column):
                 numeric.append(_fit_numeric(name, column, source))
             else:
-                _refuse_mostly_numeric(name, column, source)
                 categorical.append(_fit_categorical(name, column))
         if not numeric and not categorical:
             raise DataError(f"{source}: no feature columns besides label '{label}'")
@@ -203,12 +210,11 @@ class FeatureSchema:
             index = {value: i + 1 for i, value in enumerate(cat.vocabulary)}
             column = frame[cat.name]
             if isinstance(column.dtype, pd.CategoricalDtype):  # map each category once
-                lookup = np.array(
-                    [index.get(str(v), 0) for v in column.cat.categories] + [0], dtype=np.int64
-                )
+                names = category_text(pd.Series(column.cat.categories))
+                lookup = np.array([index.get(str(v), 0) for v in names] + [0], dtype=np.int64)
                 categorical[:, j] = lookup[column.cat.codes.to_numpy()]  # code -1: missing
                 continue
-            text = column.astype("string")
+            text = category_text(column)
             categorical[:, j] = text.map(index).fillna(0).to_numpy(dtype=np.int64)
         label = self.encode_label(frame[self.label], source) if require_label else None
         return EncodedTable(numeric=numeric, categorical=categorical, label=label)
@@ -287,10 +293,13 @@ def _is_numeric(column: pd.Series) -> bool:
 def _as_numeric(column: pd.Series, name: str, source: str) -> np.ndarray:
     if _is_numeric(column):
         return column.to_numpy(dtype=np.float64, na_value=np.nan)
-    converted = pd.to_numeric(column, errors="coerce")
-    bad = converted.isna() & column.notna()
-    if bad.any():
-        example = column[bad].iloc[0]
+    text = category_text(column)
+    if is_text(column):
+        text = text.where(~text.isin(list(MISSING_WORDS)))
+    converted = numbers_in_text(text, name, source) if is_text(column) else None
+    if converted is None:
+        bad = text.dropna()
+        example = bad.iloc[0] if len(bad) else column.iloc[0]
         raise DataError(f"{source}: column '{name}' must be numeric, found '{example}'")
     return converted.to_numpy(dtype=np.float64, na_value=np.nan)
 
@@ -317,15 +326,6 @@ def _fit_numeric(name: str, column: pd.Series, source: str) -> NumericFeature:
 
 
 def _fit_categorical(name: str, column: pd.Series) -> CategoricalFeature:
-    counts = column.dropna().astype(str).value_counts()
+    counts = category_text(column).dropna().value_counts()
     frequent = counts[counts >= _MIN_CATEGORY_COUNT].index[:_MAX_VOCABULARY]
     return CategoricalFeature(name=name, vocabulary=tuple(sorted(str(v) for v in frequent)))
-
-
-def _refuse_mostly_numeric(name: str, column: pd.Series, source: str) -> None:
-    """A column of numbers with a few stray strings is a data error, not a category."""
-    present = column.dropna()
-    parsed = pd.to_numeric(present, errors="coerce")
-    if len(present) and parsed.notna().mean() >= 0.9:
-        example = present[parsed.isna()].iloc[0]
-        raise DataError(f"{source}: column '{name}' must be numeric, found '{example}'")

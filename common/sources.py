@@ -4,8 +4,10 @@ A `DataSource` says how to read the table and how to split it into a public pool
 banks; the split itself is done by a partitioner from `common.partition`.
 """
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -28,6 +30,19 @@ class DataSource:
     positive_label: str | None
     partition_by: str | None
     public_groups: tuple[str, ...] | None = None
+    path: Path | None = None  # the file, resolved (None for built-in data)
+
+    def identity(self) -> dict[str, Any]:
+        """What names this data in a run's manifest or an encoder's provenance: the file's
+        resolved path and content hash (so ./loans.csv and /abs/loans.csv are the same
+        data, and an edited file is not), or the built-in data's name and rows."""
+        if self.path is None:
+            return {"data": self.name, "rows": len(self.frame)}
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"data": str(self.path), "data_sha256": digest.hexdigest(), "rows": len(self.frame)}
 
     @property
     def excluded_columns(self) -> tuple[str, ...]:
@@ -87,4 +102,5 @@ def load_source(
         label=label,
         positive_label=positive_label,
         partition_by=partition_by,
+        path=Path(data).resolve(),
     )

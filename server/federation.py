@@ -63,7 +63,11 @@ def run_federation(
     out_dir: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> FederationResult:
-    """Run `config.num_rounds` rounds; checkpoint and summarise after each."""
+    """Run `config.num_rounds` rounds; checkpoint and summarise after each.
+
+    A round in which no bank trained (every bank declined, e.g. its budget is spent, or
+    failed) ends the federation early: later rounds could only repeat it.
+    """
     strategy = build_strategy(config)
     fingerprint = _config_fingerprint(config, start)
     state = load_state(out_dir, fingerprint, config.num_rounds)
@@ -153,6 +157,16 @@ def run_federation(
         rounds.append(record)
         if on_round is not None:
             on_round(record)
+        if server_round < config.num_rounds and not any(
+            row.trained for row in summary.banks.values()
+        ):
+            log.warning(
+                "round %d: every bank declined or failed (%s); stopping the federation "
+                "instead of writing more unchanged checkpoints",
+                server_round,
+                "; ".join(record["banks_declined"]) or "no bank replied",
+            )
+            break
 
     final = from_array_record(arrays)
     save_encoder_checkpoint(

@@ -20,6 +20,32 @@ from common.planning import (
 )
 
 
+def _bounded(
+    flag: str, kind: type, low: float, high: float, open_low: bool = True, open_high: bool = False
+) -> Any:
+    """One number between low and high (each end open or closed), naming the flag."""
+
+    def shown(value: float) -> str:
+        return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got '{text}'") from None
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below):
+            interval = "(["[not open_low] + f"{shown(low)}, {shown(high)}" + "])"[open_high]
+            raise argparse.ArgumentTypeError(f"{flag} must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+_MAX = {"--bank-rows": 1e9, "--num-banks": 1000, "--rounds": 100, "--epsilon": 1000}
+
+
 def _numbers(flag: str, kind: type) -> Any:
     def parse(text: str) -> list[Any]:
         values = []
@@ -36,6 +62,10 @@ def _numbers(flag: str, kind: type) -> Any:
                 ) from None
             if not value > 0 or (kind is int and float(word) != value):
                 raise argparse.ArgumentTypeError(f"{flag} values must be positive, got '{part}'")
+            if value > _MAX.get(flag, math.inf):
+                raise argparse.ArgumentTypeError(
+                    f"{flag} values must be at most {_MAX[flag]:g}, got '{part}'"
+                )
             values.append(value)
         return values
 
@@ -70,12 +100,15 @@ def add_plan_command(commands: "argparse._SubParsersAction[Any]") -> None:
     )
     plan.add_argument(
         "--split-banks",
-        type=int,
+        type=_bounded("--split-banks", int, 1, 1000, open_low=False),
         default=5,
         help="built-in data: --banks given to `fedfin pretrain` (default: %(default)s)",
     )
     plan.add_argument(
-        "--seed", type=int, default=0, help="built-in data: pretrain's --seed (default: 0)"
+        "--seed",
+        type=_bounded("--seed", int, 0, 2**32 - 1, open_low=False),
+        default=0,
+        help="built-in data: pretrain's --seed (default: 0)",
     )
     plan.add_argument(
         "--bank-rows",
@@ -101,19 +134,33 @@ def add_plan_command(commands: "argparse._SubParsersAction[Any]") -> None:
         default=list(ROUND_CANDIDATES),
         help="rounds to consider (default: 3,5,10,20)",
     )
-    plan.add_argument("--delta", type=float, default=1e-5, help="each bank's δ (default: 1e-5)")
     plan.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="clipping norm C (default: 1.0)"
+        "--delta",
+        type=_bounded("--delta", float, 0, 0.01, open_high=True),
+        default=1e-5,
+        help="each bank's δ, below 0.01 (default: 1e-5)",
     )
     plan.add_argument(
-        "--local-epochs", type=float, default=1.0, help="epochs per round (default: 1.0)"
+        "--max-grad-norm",
+        type=_bounded("--max-grad-norm", float, 0, 1000),
+        default=1.0,
+        help="clipping norm C (default: 1.0)",
     )
     plan.add_argument(
-        "--min-noise", type=float, default=0.5, help="banks' noise floor (default: 0.5)"
+        "--local-epochs",
+        type=_bounded("--local-epochs", float, 0, 100),
+        default=1.0,
+        help="epochs per round (default: 1.0)",
+    )
+    plan.add_argument(
+        "--min-noise",
+        type=_bounded("--min-noise", float, 0, 20),
+        default=0.5,
+        help="banks' noise floor (default: 0.5)",
     )
     plan.add_argument(
         "--nonprivate-gain",
-        type=float,
+        type=_bounded("--nonprivate-gain", float, 0, 1),
         help="AUC gain non-private federation would bring, if known: shown as expected gain",
     )
     plan.add_argument("--json", type=Path, help="also write the plan as JSON here")

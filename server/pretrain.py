@@ -4,6 +4,7 @@ The public pool is public data, so no privacy budget is spent here. The schema i
 fitted on the pool's training part only, and the reported AUC is on a public hold-out.
 """
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -17,8 +18,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.atomic import write_atomically, write_json_atomically
-from common.checkpoint import SOURCE_HEAD_FILE, save_encoder_checkpoint
+from common.atomic import replace_directory, write_atomically, write_json_atomically
+from common.checkpoint import (
+    ENCODER_FILE,
+    MODEL_FILE,
+    SCHEMA_FILE,
+    SOURCE_HEAD_FILE,
+    save_encoder_checkpoint,
+)
 from common.config import PretrainConfig
 from common.errors import ConfigError, DataError
 from common.metrics import credit_metrics
@@ -29,6 +36,7 @@ from common.shared_weights import shared_arrays
 from common.tensors import as_dataset, predict_proba
 
 METRICS_FILE = "pretrain_metrics.json"
+CHECKPOINT_FILES = (ENCODER_FILE, SCHEMA_FILE, MODEL_FILE, SOURCE_HEAD_FILE, METRICS_FILE)
 _MIN_PUBLIC_ROWS = 50
 
 
@@ -47,15 +55,19 @@ def pretrain(
     exclude: tuple[str, ...] = (),
     source: str = "public data",
     progress: bool = True,
+    provenance: dict[str, Any] | None = None,
 ) -> PretrainResult:
-    """Fit the schema, train encoder + source head, write the checkpoint and metrics to `out`."""
-    if len(public) < _MIN_PUBLIC_ROWS:
-        raise DataError(
-            f"{source}: only {len(public)} public rows; need at least {_MIN_PUBLIC_ROWS}"
-        )
+    """Fit the schema, train encoder + source head, write the checkpoint and metrics to `out`.
+
+    `out` is written as a whole or not at all (a new directory swapped in at the end), and
+    only when it is new, empty or an encoder checkpoint `check_encoder_out` accepts.
+    `provenance` (the data and flags it was trained with) is kept in its metrics so a later
+    pretrain into the same directory can tell a rerun from other data.
+    """
+    check_encoder_out(out, provenance)
     started = time.perf_counter()
     fit_rows, holdout_rows = split_train_test(public, label, config.holdout_fraction, config.seed)
-    schema = FeatureSchema.fit(fit_rows, label, positive_label, exclude=exclude, source=source)
+    schema = fit_public_schema(public, label, positive_label, config, exclude, source)
     fit = schema.transform(fit_rows, source)
     holdout = schema.transform(holdout_rows, source)
 
@@ -75,23 +87,82 @@ def pretrain(
         "history": history,
         "seconds": round(time.perf_counter() - started, 2),
         "config": asdict(config),
+        "provenance": provenance,
     }
-    save_encoder_checkpoint(
-        out,
-        schema,
-        config.model,
-        shared_arrays(model),
-        info={"source": source, "public_holdout_auc": holdout_metrics["auc"]},
-    )
     head = {k: v.detach().numpy() for k, v in model.head.state_dict().items()}
 
     def write_head(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             np.savez(handle, **head)
 
-    write_atomically(out / SOURCE_HEAD_FILE, write_head)
-    write_json_atomically(out / METRICS_FILE, metrics)
+    def write_checkpoint(directory: Path) -> None:
+        save_encoder_checkpoint(
+            directory,
+            schema,
+            config.model,
+            shared_arrays(model),
+            info={"source": source, "public_holdout_auc": holdout_metrics["auc"]},
+        )
+        write_atomically(directory / SOURCE_HEAD_FILE, write_head)
+        write_json_atomically(directory / METRICS_FILE, metrics)
+
+    replace_directory(out, write_checkpoint)
     return PretrainResult(directory=out, metrics=metrics)
+
+
+def fit_public_schema(
+    public: pd.DataFrame,
+    label: str,
+    positive_label: str | None,
+    config: PretrainConfig,
+    exclude: tuple[str, ...] = (),
+    source: str = "public data",
+) -> FeatureSchema:
+    """The schema `pretrain` fits (on the public pool's training part): cheap, so a caller
+    can validate every bank's data before anything is trained or written."""
+    if len(public) < _MIN_PUBLIC_ROWS:
+        raise DataError(
+            f"{source}: only {len(public)} public rows; need at least {_MIN_PUBLIC_ROWS}"
+        )
+    fit_rows, _ = split_train_test(public, label, config.holdout_fraction, config.seed)
+    return FeatureSchema.fit(fit_rows, label, positive_label, exclude=exclude, source=source)
+
+
+def check_encoder_out(out: Path, provenance: dict[str, Any] | None) -> None:
+    """Refuse an `--out` that would overwrite something else: a file, a directory holding
+    other files, or an encoder pretrained on other data or with other flags."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    present = {p.name for p in out.iterdir()}
+    if not present:
+        return
+    foreign = sorted(present - set(CHECKPOINT_FILES))
+    if foreign:
+        raise ConfigError(
+            f"--out {out}: not empty (holds '{foreign[0]}'); pretrain writes a new or empty "
+            "directory, or reruns into its own"
+        )
+    try:
+        earlier = json.loads((out / METRICS_FILE).read_text()).get("provenance")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if provenance is None or earlier != provenance:
+        differs = _first_difference(earlier, provenance)
+        raise ConfigError(
+            f"--out {out}: already holds an encoder pretrained on other data or with other "
+            f"flags ({differs}); use a new --out, or delete it to replace it"
+        )
+
+
+def _first_difference(earlier: Any, now: Any) -> str:
+    if not isinstance(earlier, dict) or not isinstance(now, dict):
+        return "its provenance is not recorded"
+    for key in sorted(set(earlier) | set(now)):
+        if earlier.get(key) != now.get(key):
+            return f"{key}: {earlier.get(key)!r} there, {now.get(key)!r} now"
+    return "same"
 
 
 def _train(

@@ -94,6 +94,39 @@ def _probability(flag: str) -> Callable[[str], float]:
     return _number(flag, float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
+def _int_in(flag: str, low: int, high: int, why: str = "") -> Callable[[str], int]:
+    """An integer flag in [low, high]; `why` explains the upper bound."""
+    wanted = f"an integer from {low} to {high}" + (f" ({why})" if why else "")
+    return _number(flag, int, lambda v: low <= v <= high, wanted)
+
+
+def _float_in(flag: str, high: float, why: str = "") -> Callable[[str], float]:
+    """A number in (0, high]."""
+    wanted = f"a number in (0, {high:g}]" + (f" ({why})" if why else "")
+    return _number(flag, float, lambda v: 0 < v <= high, wanted)
+
+
+# Bounds on run flags: each names its reason in the error. The privacy ones follow the
+# banks' PrivacyPolicy (common/config.py), so a flag can never ask what every bank refuses.
+MAX_SEED = 2**32 - 1
+MAX_SYNTHETIC_ROWS = 10_000_000
+MAX_BANKS = 1000
+MAX_ROUNDS = 100  # PrivacyPolicy.max_planned_rounds: past it every bank's budget is spent
+MAX_EPSILON = 1000.0
+MAX_DELTA = 0.01  # PrivacyPolicy: δ is the chance ε fails; keep it far below 1/rows
+MAX_NOISE = 20.0  # PrivacyPolicy.max_noise_multiplier
+
+
+def _delta(flag: str) -> Callable[[str], float]:
+    return _number(
+        flag,
+        float,
+        lambda v: 0 < v < MAX_DELTA,
+        f"a number in (0, {MAX_DELTA:g}) (δ is the chance the ε guarantee fails; "
+        "keep it far below 1/rows, e.g. 1e-5)",
+    )
+
+
 def _source_from(args: argparse.Namespace) -> "DataSource":
     """The data source the --data flags describe."""
     from common.sources import load_source
@@ -123,10 +156,16 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
         "--partition-by", help="column whose groups become banks (e.g. a region); else random"
     )
     parser.add_argument(
-        "--rows", type=_positive_int("--rows"), default=20_000, help="synthetic data: rows"
+        "--rows",
+        type=_int_in("--rows", 1, MAX_SYNTHETIC_ROWS),
+        default=20_000,
+        help="synthetic data: rows",
     )
     parser.add_argument(
-        "--seed", type=_non_negative_int("--seed"), default=0, help="seed for splits and training"
+        "--seed",
+        type=_int_in("--seed", 0, MAX_SEED),
+        default=0,
+        help="seed for splits and training",
     )
 
 
@@ -213,17 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(pre)
     pre.add_argument(
         "--banks",
-        type=_positive_int("--banks"),
+        type=_int_in("--banks", 1, MAX_BANKS),
         default=5,
         help="banks the data is split into (the rest is the public pool)",
     )
     pre.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     pre.add_argument(
-        "--epochs", type=_positive_int("--epochs"), default=40, help="passes over the public pool"
+        "--epochs",
+        type=_int_in("--epochs", 1, 10_000),
+        default=40,
+        help="passes over the public pool",
     )
-    pre.add_argument(
-        "--lr", type=_positive_float("--lr"), default=3e-3, help="learning rate (Adam)"
-    )
+    pre.add_argument("--lr", type=_float_in("--lr", 1.0), default=3e-3, help="learning rate (Adam)")
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(run=_run_pretrain)
 
@@ -237,24 +277,36 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_data_flags(sim)
-    sim.add_argument("--banks", type=_positive_int("--banks"), default=5, help="number of banks")
-    sim.add_argument("--rounds", type=_positive_int("--rounds"), default=5, help="server rounds")
+    sim.add_argument(
+        "--banks", type=_int_in("--banks", 1, MAX_BANKS), default=5, help="number of banks"
+    )
+    sim.add_argument(
+        "--rounds",
+        type=_int_in(
+            "--rounds",
+            1,
+            MAX_ROUNDS,
+            "the banks plan their budget for at most 100 rounds; later rounds are declined",
+        ),
+        default=5,
+        help="server rounds",
+    )
     sim.add_argument(
         "--epsilon",
-        type=_positive_float("--epsilon"),
+        type=_float_in("--epsilon", MAX_EPSILON),
         default=1.0,
         help="each bank's ε budget (whole life of its state dir)",
     )
-    sim.add_argument("--delta", type=_probability("--delta"), default=1e-5, help="each bank's δ")
+    sim.add_argument("--delta", type=_delta("--delta"), default=1e-5, help="each bank's δ")
     sim.add_argument(
         "--max-grad-norm",
-        type=_positive_float("--max-grad-norm"),
+        type=_float_in("--max-grad-norm", 1000.0),
         default=1.0,
         help="DP-SGD clipping norm of each record's gradient",
     )
     sim.add_argument(
         "--min-noise",
-        type=_positive_float("--min-noise"),
+        type=_float_in("--min-noise", MAX_NOISE, "the banks' max noise multiplier"),
         default=0.5,
         help="the banks' floor on the noise multiplier",
     )
@@ -269,19 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--local-epochs",
-        type=_positive_float("--local-epochs"),
+        type=_float_in("--local-epochs", 100.0),
         default=1.0,
         help="passes over a bank's training rows per round (fractions allowed)",
     )
     sim.add_argument(
         "--batch-size",
-        type=_positive_int("--batch-size"),
+        type=_int_in("--batch-size", 1, 1_000_000),
         default=64,
         help="expected Poisson batch size (sets each bank's sample rate)",
     )
-    sim.add_argument(
-        "--lr", type=_positive_float("--lr"), default=2e-3, help="banks' learning rate"
-    )
+    sim.add_argument("--lr", type=_float_in("--lr", 1.0), default=2e-3, help="banks' learning rate")
     sim.add_argument("--encoder", type=Path, help="pretrained encoder dir (default: pretrain)")
     sim.add_argument("--out", type=Path, required=True, help="run directory (reuse to continue)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's log")
@@ -383,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(split)
     split.add_argument(
         "--banks",
-        type=_positive_int("--banks"),
+        type=_int_in("--banks", 1, MAX_BANKS),
         default=3,
         help="banks the data is split into (the rest is the public pool)",
     )
@@ -423,11 +473,23 @@ def _run_check_connection(args: argparse.Namespace) -> int:
 
 
 def _run_split(args: argparse.Namespace) -> int:
+    from common.atomic import write_json_atomically
     from common.config import SplitConfig
 
     source = _source_from(args)
     split = source.split(SplitConfig(num_banks=args.banks, seed=args.seed))
+    outputs = [args.out / "public.parquet"] + [
+        args.out / bank.name / f"{part}.parquet"
+        for bank in split.banks
+        for part in ("train", "test")
+    ]
+    if source.path is not None and source.path in {p.resolve() for p in outputs}:
+        raise ConfigError(f"--out {args.out}: would overwrite the --data file {source.path}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    print(split.summary())
     args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(args.out / "placement.json", split.placement())
     split.public.to_parquet(args.out / "public.parquet", index=False)
     for bank in split.banks:
         (args.out / bank.name).mkdir(exist_ok=True)
@@ -669,22 +731,47 @@ class StartupProgress:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from common.config import PretrainConfig, SplitConfig
-    from server.pretrain import pretrain
+    from server.pretrain import check_encoder_out, fit_public_schema, pretrain
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
     source = _source_from(args)
-    split = source.split(SplitConfig(num_banks=args.banks, seed=args.seed))
+    split_config = SplitConfig(num_banks=args.banks, seed=args.seed)
+    config = PretrainConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed)
+    provenance = {
+        **source.identity(),
+        "label": source.label,
+        "positive_label": source.positive_label,
+        "partition_by": source.partition_by,
+        "split": asdict(split_config),
+        "epochs": config.epochs,
+        "learning_rate": config.learning_rate,
+    }
+    check_encoder_out(args.out, provenance)
+    split = source.split(split_config)
+    print(split.summary())
+    # The public pool's problems (a column missing in all its groups) named as the pool's.
+    fit_public_schema(
+        split.public,
+        source.label,
+        source.positive_label,
+        config,
+        source.excluded_columns,
+        split.public_source(source.name),
+    )
     result = pretrain(
         split.public,
         source.label,
         source.positive_label,
         args.out,
-        PretrainConfig(epochs=args.epochs, learning_rate=args.lr, seed=args.seed),
+        config,
         exclude=source.excluded_columns,
         source=source.name,
         progress=not args.quiet,
+        provenance=provenance,
     )
     holdout = result.metrics["holdout"]
     print(

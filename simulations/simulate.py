@@ -40,16 +40,17 @@ from client.model_choice import choose_served_model
 from common.atomic import write_json_atomically
 from common.checkpoint import load_encoder_checkpoint, load_source_head
 from common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
-from common.errors import ConfigError, FedfinError
+from common.errors import ConfigError, FedfinError, PrivacyBudgetError
 from common.ledger import PrivacyLedger
 from common.metrics import credit_metrics
 from common.partition import FederatedSplit
+from common.schema import FeatureSchema
 from common.sources import DataSource
 from common.tensors import predict_proba
 from server.federation import FINAL_DIR
-from server.pretrain import SOURCE_HEAD_FILE, pretrain
+from server.pretrain import SOURCE_HEAD_FILE, fit_public_schema, pretrain
 from server.server_app import build_server_app
-from simulations.simulated_banks import SimulatedBanks, lay_out_banks
+from simulations.simulated_banks import BANKS_DIR, SimulatedBanks, lay_out_banks
 
 MANIFEST = "run.json"
 REPORT = "report.json"
@@ -70,13 +71,39 @@ class SimulationRequest:
 
 
 def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
-    """Run a whole simulation and return (and write) its report."""
+    """Run a whole simulation and return (and write) its report.
+
+    Everything that can be checked is checked before anything is written: the run
+    directory's manifest, the split, the schema (fitted, or the given encoder's) against
+    every bank's data. A refused run leaves the run directory as it was, so the same
+    command with corrected flags then works. Pretraining writes `pretrained/` whole or not
+    at all.
+    """
     out = request.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, request)
+    _refuse_outputs_over_inputs(request)
     split = request.source.split(request.split)
+    echo(split.summary())
+    manifest = _manifest(request, split)
+    existing = _existing_manifest(out)
+    if existing is not None:
+        _refuse_other_run(out, existing, manifest)
     encoder_dir = request.encoder_dir or out / PRETRAINED_DIR
-    if request.encoder_dir is None and not (encoder_dir / "encoder.npz").exists():
+    must_pretrain = request.encoder_dir is None and not (encoder_dir / "encoder.npz").exists()
+    public_source = split.public_source(request.source.name)
+    if must_pretrain:
+        schema = fit_public_schema(
+            split.public,
+            request.source.label,
+            request.source.positive_label,
+            request.pretrain,
+            request.source.excluded_columns,
+            public_source,
+        )
+    else:
+        schema = load_encoder_checkpoint(encoder_dir).schema
+    _validate_banks(split, schema)
+    _refuse_spent_budgets(out, split, request.policy)
+    if must_pretrain:
         echo(f"pretraining the shared encoder on {len(split.public)} public rows ...")
         pretrain(
             split.public,
@@ -89,6 +116,8 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
             progress=request.verbose,
         )
     checkpoint = load_encoder_checkpoint(encoder_dir)
+    if existing is None:
+        write_json_atomically(out / MANIFEST, manifest)
     banks = lay_out_banks(split, out, request.policy)
     before = public_model_metrics(encoder_dir, split)
     epsilon_at_start = {b.name: _ledger_epsilon(b.state_dir, request.policy) for b in banks.banks}
@@ -115,6 +144,7 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
     _run_flower_simulation(federation, banks, on_round, request)
     # Includes rounds done before a crash, when resuming; AUC from the banks' own reports.
     rounds = [with_local_metrics(r, state_dirs) for r in _rounds_on_disk(out)]
+    _refuse_a_run_where_every_bank_declined(rounds, federation.num_rounds)
     if len(rounds) != federation.num_rounds:
         raise FedfinError(
             f"the simulation stopped after {len(rounds)} of {federation.num_rounds} rounds; "
@@ -337,24 +367,113 @@ def _choice_columns(choice: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_manifest(out: Path, request: SimulationRequest) -> None:
-    """A run directory belongs to one data split: refuse to mix banks from two."""
-    manifest = {
-        "data": request.source.name,
+def _manifest(request: SimulationRequest, split: FederatedSplit) -> dict[str, Any]:
+    """What a run directory belongs to: the data (by resolved path and content), the split
+    and which groups and rows went where."""
+    return {
+        **request.source.identity(),
         "label": request.source.label,
         "partition_by": request.source.partition_by,
         "split": asdict(request.split),
-        "rows": len(request.source.frame),
+        "placement": split.placement(),
     }
+
+
+def _existing_manifest(out: Path) -> dict[str, Any] | None:
     path = out / MANIFEST
-    if path.exists():
-        try:
-            existing = json.loads(path.read_text())
-        except ValueError:
-            raise ConfigError(f"{path}: corrupt run manifest; use a new --out") from None
-        if existing != manifest:
-            raise ConfigError(
-                f"--out {out} holds a run on other data or another split; use a new --out"
-            )
+    if not path.exists():
+        return None
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{path}: corrupt run manifest; use a new --out") from None
+    if not isinstance(existing, dict):
+        raise ConfigError(f"{path}: corrupt run manifest; use a new --out")
+    return existing
+
+
+def _refuse_other_run(out: Path, existing: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """A run directory belongs to one data split: refuse to mix banks from two.
+
+    The data is the same when its content hash is (whatever path names it); a manifest
+    written before hashes were recorded is compared by resolved path or name.
+    """
+    if "data_sha256" in existing and "data_sha256" in manifest:
+        same_data = existing["data_sha256"] == manifest["data_sha256"]
+    else:
+        same_data = _same_path(str(existing.get("data")), str(manifest["data"]))
+    skip = {"data", "data_sha256"}
+    differs = [
+        k for k in manifest if k in existing and k not in skip and existing[k] != manifest[k]
+    ]
+    if not same_data:
+        differs.insert(0, "data")
+    if differs:
+        raise ConfigError(
+            f"--out {out} holds a run on other data or another split ({differs[0]} differs: "
+            f"{_short(existing.get(differs[0]))} there, {_short(manifest.get(differs[0]))} now); "
+            "use a new --out, or the flags of that run to continue it"
+        )
+
+
+def _same_path(first: str, second: str) -> bool:
+    return first == second or Path(first).resolve() == Path(second).resolve()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _refuse_outputs_over_inputs(request: SimulationRequest) -> None:
+    out = request.out_dir.resolve()
+    if request.out_dir.exists() and not request.out_dir.is_dir():
+        raise ConfigError(f"--out {request.out_dir}: exists and is not a directory")
+    data = request.source.path
+    if data is not None and (out == data or out in data.parents):
+        raise ConfigError(
+            f"--out {request.out_dir}: holds the --data file {data}; use a run directory of its own"
+        )
+    if request.encoder_dir is not None and request.encoder_dir.resolve() == out:
+        raise ConfigError(
+            f"--out {request.out_dir}: is the --encoder directory; use a run directory of its own"
+        )
+
+
+def _validate_banks(split: FederatedSplit, schema: FeatureSchema) -> None:
+    """Every bank's tables against the schema, before anything is written: in a simulation
+    the simulator plays every bank, so a bad bank is the user's data error, said at once."""
+    for bank in split.banks:
+        held = f" ({split.partition_by} = {', '.join(bank.groups)})" if bank.groups else ""
+        for part, frame in (("train", bank.train), ("test", bank.test)):
+            schema.validate(frame, f"{bank.name} {part}{held}")
+
+
+def _refuse_spent_budgets(out: Path, split: FederatedSplit, policy: PrivacyPolicy) -> None:
+    """A run whose every bank has already spent its budget can only decline: say so."""
+    states = [out / BANKS_DIR / bank.name / "state" for bank in split.banks]
+    if not states or not all((s / "ledger.jsonl").exists() for s in states):
         return
-    write_json_atomically(path, manifest)
+    spent = [_ledger_epsilon(s, policy) for s in states]
+    if all(e >= policy.epsilon_budget for e in spent):
+        raise PrivacyBudgetError(
+            f"--out {out}: every bank has already spent its ε budget "
+            f"(ε = {min(spent):.3f} to {max(spent):.3f} of {policy.epsilon_budget}); nothing "
+            "more can be trained: use a new --out (new banks) or read the results there"
+        )
+
+
+def _refuse_a_run_where_every_bank_declined(rounds: list[dict[str, Any]], total: int) -> None:
+    """A round where every bank declined ends the federation (server/federation.py): that is
+    an error of the run, exit 4 when the banks' budgets are spent, not a result."""
+    if not rounds or rounds[-1].get("banks_trained"):
+        return
+    last = rounds[-1]
+    reasons = sorted({str(d).split(": ", 1)[-1] for d in last["banks_declined"]})
+    budget = bool(reasons) and all("budget" in reason for reason in reasons)
+    error = PrivacyBudgetError if budget else FedfinError
+    raise error(
+        f"every bank declined round {last['round']} of {total}, so the federation stopped: "
+        + ("; ".join(reasons)[:300] or "no bank replied")
+        + ("" if budget else "; add --verbose to see the banks' log")
+    )

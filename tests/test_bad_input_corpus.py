@@ -7,6 +7,7 @@ every file that existed before must be byte-for-byte the same.
 """
 
 import hashlib
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from client.bank_settings import BankSettings
 from client.bank_worker import train_round
 from common.checkpoint import load_encoder_checkpoint
 from common.config import PrivacyPolicy, TrainPlanConfig
+from common.errors import FedfinError, PrivacyBudgetError
 from common.ledger import PrivacyLedger
 from common.protocol import RoundInstructions
 from common.synthetic import generate_credit_data
@@ -112,6 +114,63 @@ def _simulate(
         return args + (["--encoder", str(encoder(ws))] if encoder else [])
 
     return build
+
+
+def _data_flags(path: Path, *extra: str) -> tuple[str, ...]:
+    return ("--data", str(path), "--label", "default", *extra)
+
+
+def _csv_text(ws: Workspace, name: str, text: str) -> Path:
+    return _bytes(ws, name, text.encode())
+
+
+def _duplicated_header(ws: Workspace) -> Path:
+    frame = _frame(ws)
+    text = frame.to_csv(index=False)
+    header, rest = text.split("\n", 1)
+    return _csv_text(ws, "dup.csv", header.replace("dti", "annual_income") + "\n" + rest)
+
+
+def _duplicated_parquet_header(ws: Workspace) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = _frame(ws)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    names = ["annual_income" if n == "dti" else n for n in table.column_names]
+    path = ws.root / "dup.parquet"
+    pq.write_table(table.rename_columns(names), path)
+    return path
+
+
+def _with_cell(ws: Workspace, name: str, column: str, value: str, row: int = 5) -> Path:
+    frame = _frame(ws).astype({column: object})
+    frame.loc[row, column] = value
+    return _write(ws, name, frame)
+
+
+def _row_in_a_bank(ws: Workspace, column: str, value: str) -> Path:
+    """The bad cell in a row of a bank's group, not the public pool's."""
+    frame = _frame(ws)
+    row = int(frame.index[frame["bank"] == "bank-01"][0])
+    return _with_cell(ws, "bank-row.csv", column, value, row)
+
+
+def _encoder_of_other_data(ws: Workspace) -> Path:
+    """An --out that already holds an encoder pretrained on another table."""
+    out = ws.root / "new-encoder"
+    shutil.copytree(ws.encoder, out)
+    return out
+
+
+def _pretrain_into(data: Path, out: Path) -> list[str]:
+    return ["pretrain", *_data_flags(data), "--out", str(out), "--quiet"]
+
+
+def _public_parquet(ws: Workspace) -> Path:
+    path = ws.root / "public.parquet"
+    _frame(ws).to_parquet(path, index=False)
+    return path
 
 
 def _corrupt_encoder(ws: Workspace) -> Path:
@@ -300,6 +359,118 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], int, str]] = [
         3,
         "head",
     ),
+    # --- headers and cells (common/tables.py, common/cells.py) ---
+    ("duplicated CSV header", _pretrain_on(_duplicated_header), 2, "'annual_income' appears 2"),
+    (
+        "duplicated Parquet header",
+        _pretrain_on(_duplicated_parquet_header),
+        2,
+        "'annual_income' appears 2",
+    ),
+    (
+        "unnamed column that is not a row index",
+        _pretrain_on(lambda ws: _csv_text(ws, "unnamed.csv", "a,,default\n1,x,0\n2,y,1\n")),
+        2,
+        "column 2 has no name",
+    ),
+    (
+        "word in a numeric column, row in a bank (simulate)",
+        lambda ws: _simulate(
+            *_data_flags(_row_in_a_bank(ws, "dti", "twelve"), "--partition-by", "bank")
+        )(ws),
+        2,
+        "column 'dti' must be numeric, but row",
+    ),
+    (
+        "decimal comma in a numeric column",
+        _pretrain_on(lambda ws: _with_cell(ws, "comma.csv", "int_rate", "12,5")),
+        2,
+        "'12,5'",
+    ),
+    (
+        "dash for missing in a numeric column",
+        _pretrain_on(lambda ws: _with_cell(ws, "dash.csv", "loan_amount", "-")),
+        2,
+        "leave the cell empty for missing",
+    ),
+    # --- grouping (common/partition.py) ---
+    (
+        "more banks than a grouping column allows",
+        lambda ws: _simulate(*_data_flags(ws.loans, "--partition-by", "bank", "--banks", "4"))(ws),
+        2,
+        "--partition-by 'bank': its 4 groups",
+    ),
+    (
+        "two-valued grouping column, several banks",
+        lambda ws: _pretrain(
+            _write(ws, "two.csv", _frame(ws).assign(bank=lambda f: f.index % 2 == 0)),
+            "--partition-by",
+            "bank",
+            "--banks",
+            "2",
+        )(ws),
+        2,
+        "allow at most 1 bank",
+    ),
+    (
+        "grouping by the label",
+        _pretrain_on(lambda ws: ws.loans, "--partition-by", "default"),
+        2,
+        "is the label column",
+    ),
+    # --- run flags (simulations/cli.py, server/plan_cli.py) ---
+    ("delta of 0.5", _simulate("--delta", "0.5"), 2, "--delta must be a number in (0, 0.01)"),
+    ("rounds past any plan", _simulate("--rounds", "100000000000"), 2, "--rounds must be"),
+    ("noise floor above the ceiling", _simulate("--min-noise", "50"), 2, "--min-noise"),
+    ("NaN epsilon", _simulate("--epsilon", "nan"), 2, "--epsilon"),
+    ("huge synthetic table", _simulate("--data", "synthetic", "--rows", "1e12"), 2, "--rows"),
+    ("seed out of range", _pretrain_on(lambda ws: ws.loans, "--seed", "-1"), 2, "--seed"),
+    ("learning rate above 1", _pretrain_on(lambda ws: ws.loans, "--lr", "5"), 2, "--lr"),
+    (
+        "plan delta of 0.5",
+        lambda ws: ["plan", "--encoder", str(ws.encoder), "--delta", "0.5"],
+        2,
+        "--delta must be in (0, 0.01)",
+    ),
+    (
+        "plan negative seed",
+        lambda ws: ["plan", "--encoder", str(ws.encoder), "--seed", "-1"],
+        2,
+        "--seed",
+    ),
+    # --- outputs over inputs ---
+    (
+        "pretrain --out onto an encoder of other data",
+        lambda ws: _pretrain_into(ws.loans, _encoder_of_other_data(ws)),
+        2,
+        "already holds an encoder pretrained on other data",
+    ),
+    (
+        "pretrain --out onto a directory of other files",
+        lambda ws: _pretrain_into(ws.loans, ws.data),
+        2,
+        "not empty",
+    ),
+    (
+        "simulate --out is the --encoder",
+        lambda ws: [
+            "simulate",
+            "--banks",
+            "3",
+            "--encoder",
+            str(ws.encoder),
+            "--out",
+            str(ws.encoder),
+        ],
+        2,
+        "is the --encoder directory",
+    ),
+    (
+        "split --out would overwrite its --data",
+        lambda ws: ["split", *_data_flags(_public_parquet(ws)), "--out", str(ws.root)],
+        2,
+        "would overwrite the --data file",
+    ),
     (
         "key that already exists",
         lambda ws: ["keys", "--out", str(ws.root), "--name", "loans.csv"],
@@ -393,3 +564,218 @@ def test_client_app_bad_input_is_a_declined_round(
         assert all(e["kind"] == "declined" and not e["dp_events"] for e in declines)
     if kind == "altered ledger":  # refused by the hash check, not by a parse error
         assert "altered (hash mismatch)" in caplog.text
+
+
+# --- what real credit tables do that is not an error: read, not refused ---------------------
+
+
+def _habit(
+    change: Callable[[pd.DataFrame], pd.DataFrame], suffix: str = ".csv"
+) -> Callable[[Workspace], Path]:
+    def make(ws: Workspace) -> Path:
+        path = ws.root / f"habit{suffix}"
+        frame = change(_frame(ws).drop(columns=["bank"]))
+        if suffix == ".csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path, index=False)
+        return path
+
+    return make
+
+
+def _money(values: pd.Series) -> pd.Series:
+    return values.map(lambda v: f"${v:,.2f}")
+
+
+# (name, table, column, its kind in the fitted schema: "numeric" or the categories)
+HABITS: list[tuple[str, Callable[[Workspace], Path], str, object]] = [
+    (
+        "bool column in Parquet",
+        _habit(lambda f: f.assign(owner=f.index % 3 == 0), ".parquet"),
+        "owner",
+        ("False", "True"),
+    ),
+    (
+        "True/False text with blanks",
+        _habit(lambda f: f.assign(owner=np.where(f.index % 7 == 0, "", f.index % 3 == 0))),
+        "owner",
+        ("False", "True"),
+    ),
+    (
+        "yes/no text",
+        _habit(lambda f: f.assign(student=np.where(f.index % 3 == 0, "yes", "no"))),
+        "student",
+        ("no", "yes"),
+    ),
+    (
+        "numbers stored as text in Parquet",
+        _habit(lambda f: f.assign(dti=f["dti"].astype(str)), ".parquet"),
+        "dti",
+        "numeric",
+    ),
+    (
+        "quoted thousands separators",
+        _habit(lambda f: f.assign(loan_amount=f["loan_amount"].map(lambda v: f"{v:,.0f}"))),
+        "loan_amount",
+        "numeric",
+    ),
+    (
+        "currency amounts",
+        _habit(lambda f: f.assign(annual_income=_money(f["annual_income"]))),
+        "annual_income",
+        "numeric",
+    ),
+    (
+        "percent signs",
+        _habit(lambda f: f.assign(int_rate=f["int_rate"].map(lambda v: f"{v}%"))),
+        "int_rate",
+        "numeric",
+    ),
+    (
+        "blank and whitespace cells as missing",
+        _habit(
+            lambda f: f.astype({"dti": object}).assign(
+                dti=lambda g: g["dti"].where(g.index % 5 != 0, np.where(g.index % 2, "", "  "))
+            )
+        ),
+        "dti",
+        "numeric",
+    ),
+    (
+        "a saved row index (to_csv's default)",
+        lambda ws: _write_with_index(ws),
+        "dti",
+        "numeric",
+    ),
+]
+
+
+def _write_with_index(ws: Workspace) -> Path:
+    path = ws.root / "indexed.csv"
+    _frame(ws).drop(columns=["bank"]).to_csv(path)  # index=True: an unnamed first column
+    return path
+
+
+@pytest.mark.parametrize("habit", HABITS, ids=[h[0] for h in HABITS])
+def test_real_table_habits_are_read_as_people_mean_them(
+    habit: tuple[str, Callable[[Workspace], Path], str, object],
+    workspace: Workspace,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, make, column, kind = habit
+    out = workspace.root / "habit-encoder"
+
+    code = main(
+        ["pretrain", *_data_flags(make(workspace)), "--out", str(out), "--quiet", "--epochs", "1"]
+    )
+
+    assert code == 0, capsys.readouterr().err
+    schema = load_encoder_checkpoint(out).schema
+    assert not [n for n in schema.feature_names if n.startswith("Unnamed")]
+    if kind == "numeric":
+        assert column in [f.name for f in schema.numeric]
+    else:
+        assert [c.vocabulary for c in schema.categorical if c.name == column] == [kind]
+
+
+def test_pretrain_reruns_into_its_own_out_but_not_with_other_flags(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace.root / "enc"
+    argv = [*_pretrain_into(workspace.loans, out), "--epochs", "1"]
+    assert main(argv) == 0
+    assert main(argv) == 0, capsys.readouterr().err  # the same data and flags: a rerun
+    before = _snapshot(out)
+    capsys.readouterr()
+
+    assert main([*argv, "--seed", "1"]) == 2
+    assert "seed" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_a_refused_run_leaves_nothing_so_the_corrected_run_is_not_called_other_data(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused at the split (too many banks for the column): nothing is written. The
+    corrected command, given the data by a relative path this time, gets past the run
+    directory's manifest; it stops only at the (deliberately corrupt) encoder."""
+    out = workspace.root / "run"
+    grouped = ("--partition-by", "bank", "--rounds", "1")
+    refused = ["simulate", *_data_flags(workspace.loans, *grouped), "--banks", "4"]
+    assert main([*refused, "--out", str(out)]) == 2
+    assert not out.exists()
+
+    monkeypatch.chdir(workspace.root)
+    _corrupt_encoder(workspace)
+    corrected = ["simulate", *_data_flags(Path("loans.csv"), *grouped), "--banks", "3"]
+    capsys.readouterr()
+    assert main([*corrected, "--out", str(out), "--encoder", str(workspace.encoder)]) == 3
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_the_same_data_by_another_path_continues_the_run(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.json written for the absolute path; the relative path is the same data (same
+    content hash), so the run is not refused as other data."""
+    from common.config import SplitConfig
+    from common.sources import load_source
+    from simulations.simulate import MANIFEST
+
+    source = load_source(str(workspace.loans), "default", "bank")
+    split = source.split(SplitConfig(num_banks=3))
+    out = workspace.root / "run"
+    out.mkdir()
+    manifest = {
+        **source.identity(),
+        "label": "default",
+        "partition_by": "bank",
+        "split": {"num_banks": 3, "public_fraction": 0.4, "test_fraction": 0.25, "seed": 0},
+        "placement": split.placement(),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.chdir(workspace.root)
+    _corrupt_encoder(workspace)
+    argv = ["simulate", *_data_flags(Path("loans.csv"), "--partition-by", "bank"), "--banks", "3"]
+
+    code = main([*argv, "--out", "run", "--encoder", str(workspace.encoder)])
+
+    assert code == 3, capsys.readouterr().err  # past the manifest, stopped by the encoder
+    other = _write(workspace, "other.csv", _frame(workspace).assign(dti=0.5))
+    capsys.readouterr()
+    code = main([*argv[:2], str(other), *argv[3:], "--out", "run"])
+    assert code == 2 and "other data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("declines", "error", "words"),
+    [
+        (["bank-00: declined: privacy budget spent"] * 2, PrivacyBudgetError, "budget spent"),
+        (["bank-00: declined: declined by the bank (details in the bank's log)"], FedfinError, ""),
+    ],
+)
+def test_a_run_where_every_bank_declined_is_an_error_not_a_result(
+    declines: list[str], error: type[FedfinError], words: str
+) -> None:
+    from simulations.simulate import _refuse_a_run_where_every_bank_declined
+
+    trained = {"round": 1, "banks_trained": 2, "banks_declined": []}
+    stopped = {"round": 2, "banks_trained": 0, "banks_declined": declines}
+    _refuse_a_run_where_every_bank_declined([trained], 5)  # a round trained: fine
+
+    with pytest.raises(error, match=f"every bank declined round 2 of 5.*{words}") as caught:
+        _refuse_a_run_where_every_bank_declined([trained, stopped], 5)
+    assert caught.type is error
+
+
+def test_a_bank_table_with_missing_text_values_loads(tmp_path: Path) -> None:
+    """Real tables have blanks in categorical columns: the keyed split must hash them."""
+    from client.bank_data import keyed_test_mask
+
+    frame = pd.DataFrame({"home": ["rent", None, "own", np.nan], "amount": [1.0, np.nan, 3, 4]})
+    frame = frame.astype({"home": "str"})
+
+    mask = keyed_test_mask(frame, b"k" * 16, 0.5)
+
+    assert mask.dtype == bool and len(mask) == 4

@@ -181,9 +181,7 @@ def test_an_opted_in_count_is_noisy_and_charged(
     bank: BankSettings, checkpoint: EncoderCheckpoint
 ) -> None:
     # A fixed test seed: with a secret one, the noisy count rounds to the true one now and then.
-    counting = replace(
-        bank, policy=replace(bank.policy, release_num_examples=True), noise_seed=11
-    )
+    counting = replace(bank, policy=replace(bank.policy, release_num_examples=True), noise_seed=11)
     reply = _train(counting, checkpoint, 1, 3)
     rows = len(pd.read_parquet(bank.data_path / "train.parquet"))
     assert NUM_EXAMPLES in reply.metrics and reply.metrics[NUM_EXAMPLES] != rows

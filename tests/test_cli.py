@@ -116,7 +116,7 @@ BAD_INPUTS = {
         ["--data", "{no-label}", "--label", "default"],
         "label column 'default' is missing",
     ),
-    "negative-banks": (["--banks", "-1"], "--banks must be a positive integer"),
+    "negative-banks": (["--banks", "-1"], "--banks must be an integer from 1 to 1000"),
     "file-without-label-flag": (["--data", "{good}"], "--label is required"),
     "label-with-three-values": (
         ["--data", "{three-labels}", "--label", "default"],
@@ -124,9 +124,9 @@ BAD_INPUTS = {
     ),
     "too-many-banks-for-the-groups": (
         ["--data", "{good}", "--label", "default", "--partition-by", "bank", "--banks", "9"],
-        "use fewer banks",
+        "--partition-by 'bank': its 7 groups",
     ),
-    "negative-seed": (["--seed", "-1"], "--seed must be an integer, 0 or more"),
+    "negative-seed": (["--seed", "-1"], "--seed must be an integer from 0 to"),
     "out-is-a-file": (["--out", "{good}"], "exists and is not a directory"),
 }
 

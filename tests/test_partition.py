@@ -116,8 +116,8 @@ def test_lending_club_splits_into_2_to_20_banks(loans: pd.DataFrame, num_banks: 
 
 
 def test_more_banks_than_states_is_a_config_error(loans: pd.DataFrame) -> None:
-    with pytest.raises(ConfigError, match="--banks 40"):
-        split_by_state(loans, num_banks=40)
+    with pytest.raises(ConfigError, match=r"--banks 60 .*'addr_state'.* allow at most"):
+        split_by_state(loans, num_banks=60)
 
 
 def test_fewer_than_one_bank_is_a_config_error() -> None:
@@ -146,6 +146,92 @@ def test_a_missing_partition_column_is_a_data_error(loans: pd.DataFrame) -> None
 
     with pytest.raises(DataError, match="'region'"):
         partitioner.split(loans)
+
+
+# --- any grouping column: missing values, small and one-class groups ---------------------
+
+
+def home_ownership(seed: int = 0) -> pd.DataFrame:
+    """A Home-like column: unequal groups, a tiny one, a few missing values, ~20% defaults."""
+    sizes = {"owner": 900, "rent": 400, "parents": 300, "other": 120, "ignore": 12}
+    homes = [h for h, n in sizes.items() for _ in range(n)] + [None] * 6
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "Home": homes,
+            "income": rng.normal(100, 20, len(homes)),
+            "Status": np.where(rng.random(len(homes)) < 0.2, "bad", "good"),
+            "row_id": np.arange(len(homes)),
+        }
+    )
+
+
+def split_home(frame: pd.DataFrame, num_banks: int) -> FederatedSplit:
+    return GroupPartitioner("Status", SplitConfig(num_banks=num_banks), "Home").split(frame)
+
+
+@pytest.mark.parametrize("num_banks", [1, 2, 3])
+def test_a_column_with_missing_values_and_unequal_groups_splits_every_row_once(
+    num_banks: int,
+) -> None:
+    frame = home_ownership()
+    split = split_home(frame, num_banks)
+
+    assert len(split.banks) == num_banks
+    np.testing.assert_array_equal(np.sort(all_row_ids(split)), frame["row_id"].to_numpy())
+    placed = [g for part in split.placement().values() for g in part["groups"]]  # type: ignore[attr-defined]
+    assert sorted(placed) == sorted(["owner", "rent", "parents", "other", "ignore", "<missing>"])
+
+
+@pytest.mark.parametrize("num_banks", [1, 2, 3])
+def test_small_or_missing_groups_never_make_a_bank_alone(num_banks: int) -> None:
+    for bank in split_home(home_ownership(), num_banks).banks:
+        assert set(bank.groups) - {"ignore", "<missing>"}, bank.groups
+        assert bank.num_rows >= 50
+
+
+def test_too_many_banks_for_a_grouping_column_names_the_column_its_groups_and_the_most_banks() -> (
+    None
+):
+    with pytest.raises(ConfigError) as error:
+        split_home(home_ownership(), 5)
+
+    message = str(error.value)
+    assert "'Home'" in message and "owner 900" in message and "<missing> 6" in message
+    assert "use --banks 3 or fewer" in message and "\n" not in message
+    split_home(home_ownership(), 3)  # the advice works
+
+
+def test_a_two_valued_column_makes_one_bank_and_says_so_for_more() -> None:
+    frame = home_ownership().assign(Home=lambda f: np.where(f.index % 4 == 0, "Yes", "No"))
+
+    assert [b.groups for b in split_home(frame, 1).banks] in ([("Yes",)], [("No",)])
+    with pytest.raises(ConfigError, match="allow at most 1 bank"):
+        split_home(frame, 2)
+
+
+def test_numbers_name_groups_without_a_decimal_point() -> None:
+    frame = home_ownership().assign(Home=lambda f: (f.index % 4).astype(float))
+
+    split = split_home(frame, 2)
+
+    assert sorted(split.public_groups + sum((b.groups for b in split.banks), ())) == [
+        "0",
+        "1",
+        "2",
+        "3",
+    ]
+
+
+def test_the_split_says_which_groups_and_rows_went_where() -> None:
+    split = split_home(home_ownership(), 2)
+
+    placement = split.placement()
+    assert set(placement) == {"public", "bank-00", "bank-01"}
+    assert sum(int(p["rows"]) for p in placement.values()) == len(home_ownership())  # type: ignore[call-overload]
+    line = split.summary()
+    assert line.startswith("split by 'Home': public pool ") and "bank-01" in line
+    assert "\n" not in line
 
 
 # --- random rows (IID) --------------------------------------------------------------

@@ -313,3 +313,48 @@ def test_a_file_that_is_not_a_fedfin_schema_is_a_checkpoint_error(
     with pytest.raises(CheckpointError, match="not a valid fedfin schema") as error:
         FeatureSchema.load(path)
     assert str(path) in str(error.value)
+
+
+# --- column kinds from in-memory frames (common/cells.py's rule) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        (lambda n: np.arange(n) % 2 == 0, "categorical"),  # bool dtype
+        (lambda n: np.where(np.arange(n) % 2 == 0, "True", "False"), "categorical"),
+        (lambda n: (np.arange(n) % 50).astype(str), "numeric"),  # numbers stored as text
+        (lambda n: [f"{1000 + i:,}" for i in range(n)], "numeric"),  # "1,000"
+        (lambda n: [f"${1000 + i:,.2f}" for i in range(n)], "numeric"),
+    ],
+    ids=["bool", "True/False text", "text numbers", "thousands", "currency"],
+)
+def test_bool_and_text_number_columns_fit_without_an_index_error(
+    public: pd.DataFrame, bank: pd.DataFrame, values: Callable[[int], object], kind: str
+) -> None:
+    frame = public.assign(extra=values(len(public)))
+    schema = FeatureSchema.fit(frame, LABEL, exclude=(GROUP_COLUMN,), source="public pool")
+
+    names = [f.name for f in (schema.numeric if kind == "numeric" else schema.categorical)]
+    assert "extra" in names
+    schema.transform(bank.assign(extra=values(len(bank))), BANK_SOURCE)
+
+
+def test_a_category_named_by_a_number_is_the_same_in_text_int_and_float_columns(
+    public: pd.DataFrame, bank: pd.DataFrame
+) -> None:
+    codes = np.where(np.arange(len(public)) % 3 == 0, "X", (np.arange(len(public)) % 2).astype(str))
+    schema = FeatureSchema.fit(public.assign(code=codes), LABEL, exclude=(GROUP_COLUMN,))
+    as_float = bank.assign(code=np.where(bank.index % 2 == 0, 1.0, np.nan))
+
+    assert set(categorical_codes(schema, as_float, "code")) == {0, ["0", "1", "X"].index("1") + 1}
+
+
+def test_a_word_among_public_numbers_is_one_data_error_naming_the_value(
+    public: pd.DataFrame,
+) -> None:
+    dti = public["dti"].astype(object)
+    dti[3] = "twelve"
+
+    with pytest.raises(DataError, match=r"'dti' must be numeric, but row 4 has 'twelve'"):
+        FeatureSchema.fit(public.assign(dti=dti), LABEL, exclude=(GROUP_COLUMN,))
