@@ -201,7 +201,7 @@ def _add_empirical_audit_flags(audit: argparse.ArgumentParser) -> None:
         "--steps", type=_positive_int("--steps"), default=20, help="DP-SGD steps of the round"
     )
     empirical.add_argument(
-        "--delta", type=_probability("--delta"), default=1e-5, help="δ of the claimed ε"
+        "--delta", type=_delta("--delta"), default=1e-5, help="δ of the claimed ε"
     )
     empirical.add_argument(
         "--max-grad-norm",
