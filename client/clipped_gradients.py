@@ -127,7 +127,7 @@ def _check_supported(name: str, module: nn.Module) -> None:
     )
 
 
-ClippedSums = Callable[[torch.Tensor], list[tuple[nn.Parameter, torch.Tensor]]]
+ClippedSums = Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def _book(
@@ -142,29 +142,31 @@ def _book(
         ]
     if isinstance(layer, nn.LayerNorm):  # its per-example gradients are only B×H: form them
         x = F.layer_norm(x, layer.normalized_shape, eps=layer.eps) * delta
-    weight_trained, bias_trained = _trainable(layer.weight), _trainable(layer.bias)
+    weight, bias = _trainable(layer.weight), _trainable(layer.bias)
+    linear = isinstance(layer, nn.Linear)
     delta_squared = torch.linalg.vecdot(delta, delta)
-    squared = delta_squared if bias_trained else torch.zeros_like(delta_squared)
-    if weight_trained and isinstance(layer, nn.Linear):
-        squared = squared + torch.linalg.vecdot(x, x) * delta_squared
-    elif weight_trained:
-        squared = squared + torch.linalg.vecdot(x, x)
+    squared = delta_squared if bias is not None else torch.zeros_like(delta_squared)
+    if weight is not None:
+        input_squared = torch.linalg.vecdot(x, x)
+        squared = squared + (input_squared * delta_squared if linear else input_squared)
 
-    def clipped_sums(c: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    def clipped_sums(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         factors = c.squeeze(1)
         out = []
-        if weight_trained:
-            linear = isinstance(layer, nn.Linear)
-            out.append((layer.weight, (delta * c).t() @ x if linear else factors @ x))
-        if bias_trained:
-            out.append((layer.bias, factors @ delta))
+        if weight is not None:
+            out.append((weight, (delta * c).t() @ x if linear else factors @ x))
+        if bias is not None:
+            out.append((bias, factors @ delta))
         return out
 
     return squared, clipped_sums
 
 
-def _trainable(parameter: nn.Parameter | None) -> bool:
-    return parameter is not None and parameter.requires_grad
+def _trainable(parameter: object) -> torch.Tensor | None:
+    """The parameter if this phase trains it, else None (absent or frozen)."""
+    if isinstance(parameter, torch.Tensor) and parameter.requires_grad:
+        return parameter
+    return None
 
 
 def _check_shapes(layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> None:
