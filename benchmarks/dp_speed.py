@@ -4,12 +4,14 @@ Same model (fedfin's `CreditModel`, default shape), same data, same batch size a
 each mode; one torch thread (what each simulated bank gets); each mode runs `--repeats` times,
 interleaved, and the fastest run counts. DP modes use Poisson sampling,
 clipping norm 1 and noise multiplier 1, as `client/dp_training.py` does; `fedfin
-train_with_dp` is that production function itself (ghost, accountant and all).
+train_with_dp` is that production function itself (its own book-kept clipping, Opacus'
+noise and accountant, all of it).
 - one epoch of a synthetic bank (`--speed-rows`), at batch 64 (fedfin's default) and 1024;
 - a large synthetic bank (>= 1,000,000 rows): a fixed number of steps (`--large-steps`);
 - one whole epoch of a 1,000,000-row bank (`--epoch-rows`) at expected batch 1024: fedfin's
   `train_with_dp` (q = 1/round(rows/1024), 1/q steps) against a non-private epoch of the same
-  model at batch 1024 (shuffle, gather by index, plain Adam), interleaved.
+  model at batch 1024 (shuffle, gather by index, plain Adam), interleaved; wall-clock and
+  this process's CPU time (`--epoch-only`: this suite alone, the others kept from the last run).
 Also measured, per step: Opacus' Poisson sampler alone (one random number per row per step)
 and its DataLoader's per-row fetch and collate, against fedfin's O(batch) `poisson_batches`.
 The target is DP overhead (non-private samples/s over DP samples/s) <= 1.5x.

@@ -13,7 +13,17 @@ The server never learns the seed, so it cannot regenerate or subtract the noise.
 Sampling uses the bank's own rate q (never 1/ceil(N/B)), and the clipped sum is divided by
 a public constant (the server's batch size), not by the private expected batch size qN.
 Batches come from `poisson_batches` (the same Poisson distribution as Opacus' sampler, in
-O(batch) per step, gathered by index); Opacus still clips, noises and accounts.
+O(batch) per step, gathered by index).
+
+Clipping is fedfin's own (`client/clipped_gradients.py`), for speed: Opacus' hooks mode
+materialised a B×P per-example gradient per parameter every step and clipped it, 5.5x a
+non-private epoch at a million rows; for the model's Linear, LayerNorm and Embedding layers,
+each example's gradient norm and the clipped sum follow from the layer inputs and output
+gradients of one ordinary backward pass, without forming per-example gradients (1.3-1.5x,
+benchmarks/dp_speed.py). A layer outside that set is refused, not mis-clipped. The clipped
+sum goes where Opacus' `DPOptimizer` reads it (`p.summed_grad`); its noise, division by the
+public batch size, accountant hook and Adam step are unchanged. tests/test_clipped_gradients.py
+checks the sums against Opacus' own per-example gradients clipped by its own optimizer.
 """
 
 from collections.abc import Callable, Sequence
