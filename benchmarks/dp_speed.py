@@ -362,7 +362,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "command": earlier["command"],
             "finished": earlier["finished"],
             "production_clipping": earlier.get(
-                "production_clipping", f"opacus {earlier.get('production_grad_sample_mode')}"
+                "production_clipping", f"Opacus {earlier.get('production_grad_sample_mode')}"
             ),
         }
     RESULTS.mkdir(exist_ok=True)
