@@ -3,7 +3,7 @@
 For claimed ε 2, 4 and 8 (canaries' mechanism: q = 1, 20 steps, δ 1e-5), runs the one-run
 canary audit through the bank's real `train_round` on Lending Club bank 0 (encoder
 pretrained on the public pool, as in the tests) for three builds: honest, noise secretly
-divided by 10 inside Opacus, and per-example clipping disabled inside Opacus. Reports the
+divided by 10 inside Opacus, and per-example clipping disabled in fedfin's optimizer. Reports the
 95% lower bound, the method's ceiling (all guesses right) and the noise diagnostics.
 Writes benchmarks/results/empirical_audit.json and .md.
 Usage: python -m benchmarks.empirical_audit [--canaries 1000] [--epsilons 2 4 8]
@@ -50,28 +50,20 @@ def noise_divided_by_ten() -> Iterator[None]:
 
 @contextmanager
 def clipping_disabled() -> Iterator[None]:
-    """Per-example clipping off (in the grad-sample module for ghost clipping, in the optimizer
-    for hooks); the noise keeps the planned σC."""
-    from opacus import PrivacyEngine
+    """Per-example clipping off (fedfin clips in its optimizer's `clip_and_accumulate`); the
+    noise keeps the planned σC."""
+    from client.clipped_gradients import ClippedSumOptimizer
 
-    real = PrivacyEngine.make_private
+    real = ClippedSumOptimizer.clip_and_accumulate
 
-    def unclipped(self: PrivacyEngine, **kwargs: Any) -> Any:
-        module, optimizer, *rest = real(self, **kwargs)
-        module.max_grad_norm = 1e9
-        clip = optimizer.clip_and_accumulate
+    def clip_nothing(self: ClippedSumOptimizer) -> None:
+        planned, self.max_grad_norm = self.max_grad_norm, 1e9
+        try:
+            real(self)
+        finally:
+            self.max_grad_norm = planned
 
-        def clip_nothing() -> None:
-            planned, optimizer.max_grad_norm = optimizer.max_grad_norm, 1e9
-            try:
-                clip()
-            finally:
-                optimizer.max_grad_norm = planned
-
-        optimizer.clip_and_accumulate = clip_nothing
-        return (module, optimizer, *rest)
-
-    with mock.patch.object(PrivacyEngine, "make_private", unclipped):
+    with mock.patch.object(ClippedSumOptimizer, "clip_and_accumulate", clip_nothing):
         yield
 
 

@@ -13,29 +13,34 @@ The server never learns the seed, so it cannot regenerate or subtract the noise.
 Sampling uses the bank's own rate q (never 1/ceil(N/B)), and the clipped sum is divided by
 a public constant (the server's batch size), not by the private expected batch size qN.
 Batches come from `poisson_batches` (the same Poisson distribution as Opacus' sampler, in
-O(batch) per step, gathered by index); Opacus still clips, noises and accounts.
+O(batch) per step, gathered by index).
+
+Clipping is fedfin's own (`client/clipped_gradients.py`), for speed: Opacus' hooks mode
+materialised a B×P per-example gradient per parameter every step and clipped it, 5.5x a
+non-private epoch at a million rows; for the model's Linear, LayerNorm and Embedding layers,
+each example's gradient norm and the clipped sum follow from the layer inputs and output
+gradients of one ordinary backward pass, without forming per-example gradients (1.3-1.5x,
+benchmarks/dp_speed.py). A layer outside that set is refused, not mis-clipped. The clipped
+sum goes where Opacus' `DPOptimizer` reads it (`p.summed_grad`); its noise, division by the
+public batch size, accountant hook and Adam step are unchanged. tests/test_clipped_gradients.py
+checks the sums against Opacus' own per-example gradients clipped by its own optimizer.
 """
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
+from opacus.accountants import PRVAccountant
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from client.clipped_gradients import ClippedGradients, ClippedSumOptimizer
 from client.poisson_batches import poisson_batches
 from common.accounting import DpEvent, merged_history
 from common.config import FineTuneMode
 from common.model import CreditModel
 from common.schema import EncodedTable
 from common.tensors import as_dataset
-
-# Per-example gradients by hooks: on this ~4k-parameter model they are cheap to materialise,
-# and ghost clipping's second backward pass and embedding norms (`torch.unique` per step)
-# measured 1.3-1.4x slower per step (benchmarks/dp_speed.py). Ghost pays off on large layers.
-GRAD_SAMPLE_MODE = "hooks"
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,8 @@ def train_with_dp(
     clipped sum, right before Opacus adds the noise: they go through the real noise,
     scaling and optimizer, exactly like a record whose clipped gradient they are.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "secure RNG off": see the module docstring
-        engine = PrivacyEngine(accountant="prv")
-    engine.accountant.history = merged_history(past)
+    accountant = PRVAccountant()
+    accountant.history = merged_history(past)
     phases: list[tuple[nn.Module, int]]
     if plan.mode == "fedrep":
         phases = [(model.head, plan.head_steps), (model.encoder, plan.steps)]
@@ -97,29 +100,27 @@ def train_with_dp(
         phases = [(model, plan.steps)]
     dataset = as_dataset(data)
     anchor = [p.detach().clone() for p in model.encoder.parameters()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure RNG and backward hooks
-        for trainable, steps in phases:
-            if steps > 0:
-                _run_phase(
-                    engine,
-                    model,
-                    trainable,
-                    dataset,
-                    plan,
-                    steps,
-                    anchor,
-                    generator,
-                    observe_step,
-                    canary_gradients,
-                )
+    for trainable, steps in phases:
+        if steps > 0:
+            _run_phase(
+                accountant,
+                model,
+                trainable,
+                dataset,
+                plan,
+                steps,
+                anchor,
+                generator,
+                observe_step,
+                canary_gradients,
+            )
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    return list(engine.accountant.history)
+    return list(accountant.history)
 
 
 def _run_phase(
-    engine: PrivacyEngine,
+    accountant: PRVAccountant,
     model: CreditModel,
     trainable: nn.Module,
     dataset: TensorDataset,
@@ -136,28 +137,21 @@ def _run_phase(
         parameter.requires_grad_(id(parameter) in wanted)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
-    criterion: nn.Module = nn.BCEWithLogitsLoss()
-    private = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        criterion=criterion,
-        data_loader=DataLoader(dataset, batch_size=plan.batch_size),  # never iterated
+    criterion = nn.BCEWithLogitsLoss(reduction="none")  # per-example losses: clipping needs them
+    clipped = ClippedGradients(model)
+    dp_optimizer = ClippedSumOptimizer(
+        optimizer,
+        clipped,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=False,  # `poisson_batches` samples each record with the bank's q
-        grad_sample_mode=GRAD_SAMPLE_MODE,
+        expected_batch_size=plan.batch_size,  # public, unlike qN
+        generator=generator,
+        secure_mode=True,  # 2n Gaussian draws per coordinate (Opacus' FP-attack fix)
     )
-    private_model, dp_optimizer = private[0], private[1]
-    if GRAD_SAMPLE_MODE == "ghost":  # its criterion runs the second, clipped backward pass
-        criterion = private[2]
-    dp_optimizer.generator = generator
-    dp_optimizer.secure_mode = True  # 2n Gaussian draws per coordinate (Opacus' FP-attack fix)
-    dp_optimizer.expected_batch_size = plan.batch_size  # public, unlike qN
-    # One accountant step of (σ, q) per optimizer step, q itself. Opacus' own hook takes q as
-    # 1 / len(loader) (1/int(1/q) is not q for many unit fractions: 1/93, 1/100000) and counts
-    # per-example gradients, which a noise-only step on an empty batch does not have.
+    # One accountant step of (σ, q) per optimizer step, q itself (Opacus' own hook would take
+    # q as 1 / len(loader): 1/int(1/q) is not q for many unit fractions, 1/93, 1/100000).
     dp_optimizer.attach_step_hook(
-        lambda optim: engine.accountant.step(
+        lambda optim: accountant.step(
             noise_multiplier=optim.noise_multiplier, sample_rate=plan.sample_rate
         )
     )
@@ -167,23 +161,24 @@ def _run_phase(
         optimizer.register_step_pre_hook(
             lambda *_: observe_step([p.grad.detach().clone() for p in params if p.grad is not None])
         )
-    private_model.train()
+    model.train()
     batches = poisson_batches(dataset.tensors, plan.sample_rate, generator)
-    for _ in range(steps):
-        numeric, categorical, target = next(batches)
+    try:
+        for _ in range(steps):
+            numeric, categorical, target = next(batches)
+            dp_optimizer.zero_grad()
+            if len(target) == 0:
+                _noise_only_step(dp_optimizer, params, plan, generator, canary_gradients)
+            else:
+                clipped.backward(criterion(model(numeric, categorical), target))
+                dp_optimizer.step()
+            if plan.proximal_mu > 0:  # post-processing of a DP step with public weights: DP
+                with torch.no_grad():
+                    for parameter, start in zip(model.encoder.parameters(), anchor, strict=True):
+                        parameter.sub_(plan.learning_rate * plan.proximal_mu * (parameter - start))
         dp_optimizer.zero_grad()
-        if len(target) == 0:
-            _noise_only_step(dp_optimizer, params, plan, generator, canary_gradients)
-        else:
-            loss = criterion(private_model(numeric, categorical), target)
-            loss.backward()
-            dp_optimizer.step()
-        if plan.proximal_mu > 0:  # post-processing of a DP step with public weights: still DP
-            with torch.no_grad():
-                for parameter, start in zip(model.encoder.parameters(), anchor, strict=True):
-                    parameter.sub_(plan.learning_rate * plan.proximal_mu * (parameter - start))
-    dp_optimizer.zero_grad()
-    private_model.to_standard_module()
+    finally:
+        clipped.remove()
 
 
 def _noise_only_step(

@@ -2,8 +2,8 @@
 caught, an honest one passes, and the one-run bound matches values derived by hand.
 
 Each audit trains one small round (200 canaries, 20 steps) through the bank's real
-`train_round`; the broken builds are made by patching Opacus inside the optimizer only,
-after the plan and the ledger already say the honest σ and C.
+`train_round`; the broken builds are made by patching the optimizer only (Opacus' noise,
+fedfin's clipping), after the plan and the ledger already say the honest σ and C.
 """
 
 import itertools
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from opacus import PrivacyEngine
 from opacus.optimizers import optimizer as opacus_optimizer
 from opacus.optimizers import optimizer_fast_gradient_clipping as fast_optimizer
 
+from client.clipped_gradients import ClippedSumOptimizer
 from client.empirical_audit import EmpiricalAuditConfig, run_empirical_audit
 from common.errors import ConfigError
 from common.one_run_audit import (
@@ -122,25 +122,19 @@ def _noise_divided_by(factor: float, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _clipping_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A build whose per-example clipping is off; noise still σC with the planned C."""
-    real = PrivacyEngine.make_private
+    """A build whose per-example clipping is off; noise still σC with the planned C.
 
-    def unclipped(self: PrivacyEngine, **kwargs: Any) -> Any:
-        module, optimizer, *rest = real(self, **kwargs)
-        module.max_grad_norm = 1e9  # ghost mode clips in the grad-sample module
-        clip = optimizer.clip_and_accumulate
+    fedfin clips in its own optimizer's `clip_and_accumulate`, whose C also sets the noise."""
+    real = ClippedSumOptimizer.clip_and_accumulate
 
-        def clip_nothing() -> None:  # hooks mode clips in the optimizer, whose C sets the noise
-            planned, optimizer.max_grad_norm = optimizer.max_grad_norm, 1e9
-            try:
-                clip()
-            finally:
-                optimizer.max_grad_norm = planned
+    def clip_nothing(self: ClippedSumOptimizer) -> None:
+        planned, self.max_grad_norm = self.max_grad_norm, 1e9
+        try:
+            real(self)
+        finally:
+            self.max_grad_norm = planned
 
-        optimizer.clip_and_accumulate = clip_nothing
-        return (module, optimizer, *rest)
-
-    monkeypatch.setattr(PrivacyEngine, "make_private", unclipped)
+    monkeypatch.setattr(ClippedSumOptimizer, "clip_and_accumulate", clip_nothing)
 
 
 def test_noise_cut_tenfold_gives_a_lower_bound_above_the_claimed_epsilon(
