@@ -4,10 +4,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
+from client.bank_data import load_bank_splits
 from client.bank_settings import BankSettings
 from client.bank_state import BankState
 from client.bank_worker import evaluate_round, train_round
@@ -183,7 +183,11 @@ def test_an_opted_in_count_is_noisy_and_charged(
     # A fixed test seed: with a secret one, the noisy count rounds to the true one now and then.
     counting = replace(bank, policy=replace(bank.policy, release_num_examples=True), noise_seed=11)
     reply = _train(counting, checkpoint, 1, 3)
-    rows = len(pd.read_parquet(bank.data_path / "train.parquet"))
+    key = BankState(bank.state_dir).split_key()  # the rows it counts: training, not validation
+    splits = load_bank_splits(
+        bank.data_path, checkpoint.schema, bank.test_fraction, key, bank.validation_fraction
+    )
+    rows = len(splits.train.numeric)
     assert NUM_EXAMPLES in reply.metrics and reply.metrics[NUM_EXAMPLES] != rows
     assert abs(reply.metrics[NUM_EXAMPLES] - rows) < 6 * counting.policy.count_noise_multiplier
     events = events_of(_charges(counting)[-1])
@@ -254,17 +258,17 @@ def test_dp_noise_comes_from_a_secret_seed_unless_a_test_fixes_it(
     first = train_round(bank, _instructions(checkpoint, 1, 1), checkpoint.arrays, None, 1)
     second = train_round(twin, _instructions(checkpoint, 1, 1), checkpoint.arrays, None, 1)
     assert any(not np.array_equal(first.arrays[k], second.arrays[k]) for k in first.arrays)
-    fixed = [
-        train_round(
-            BankSettings(
-                bank.name, bank.data_path, tmp_path / f"fixed-{i}", bank.policy, noise_seed=7
-            ),
-            _instructions(checkpoint, 1, 1),
-            checkpoint.arrays,
-            None,
-            1,
-        )
+    fixed_settings = [
+        BankSettings(bank.name, bank.data_path, tmp_path / f"fixed-{i}", bank.policy, noise_seed=7)
         for i in range(2)
+    ]
+    for settings in fixed_settings:  # the same rows held out for validation in both
+        key = BankState(settings.state_dir).dir / "split.key"
+        key.write_bytes(bytes(range(32)))
+        key.chmod(0o600)
+    fixed = [
+        train_round(settings, _instructions(checkpoint, 1, 1), checkpoint.arrays, None, 1)
+        for settings in fixed_settings
     ]
     assert all(np.array_equal(fixed[0].arrays[k], fixed[1].arrays[k]) for k in fixed[0].arrays)
 
