@@ -22,13 +22,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import communication, dp_speed, privacy_utility, scaling
+from benchmarks import communication, dp_speed, privacy_utility, privacy_utility_map, scaling
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 BENCHMARKS: dict[str, ModuleType] = {
-    module.NAME: module for module in (privacy_utility, dp_speed, communication, scaling)
+    module.NAME: module
+    for module in (privacy_utility, dp_speed, communication, scaling, privacy_utility_map)
 }
+# Run only when named: the map takes about an hour of one core.
+OPT_IN = (privacy_utility_map.NAME,)
+DEFAULT = tuple(name for name in BENCHMARKS if name not in OPT_IN)
 VERSIONED = (
     "fedfin", "torch", "opacus", "flwr", "ray", "numpy", "pandas", "scikit-learn",
     "dp-accounting", "matplotlib",
@@ -85,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "benchmarks",
         nargs="*",
         metavar="BENCHMARK",
-        help=f"any of {', '.join(BENCHMARKS)} (default: all)",
+        help=f"any of {', '.join(BENCHMARKS)} (default: all but {', '.join(OPT_IN)})",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="only rewrite RESULTS.md from results/*.json"
@@ -102,13 +106,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    selected = [] if args.report_only else (args.benchmarks or list(BENCHMARKS))
+    selected = [] if args.report_only else (args.benchmarks or list(DEFAULT))
     command = shlex.join(["python", "-m", "benchmarks", *argv])
     for name in selected:
         module = BENCHMARKS[name]
         print(f"== {name}", flush=True)
         began = time.perf_counter()
         result = module.run(args)
+        if hasattr(module, "result_path"):  # it wrote its own results, cell by cell
+            print(module.markdown(result), flush=True)
+            continue
         result["command"] = command
         result["environment"] = environment()
         result["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -130,7 +137,7 @@ def report(command: str, ran: list[str]) -> str:
     }
     if ran:
         env, note = results[ran[0]]["environment"], ""
-        if set(ran) != set(BENCHMARKS):
+        if set(ran) != set(DEFAULT):
             note = f" (ran: {', '.join(ran)}; other sections are from their last run)"
     else:  # --report-only: the provenance is that of the runs that made the results
         first = next(iter(results.values()), {})

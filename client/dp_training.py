@@ -12,17 +12,20 @@ The server never learns the seed, so it cannot regenerate or subtract the noise.
 
 Sampling uses the bank's own rate q (never 1/ceil(N/B)), and the clipped sum is divided by
 a public constant (the server's batch size), not by the private expected batch size qN.
+Batches come from `poisson_batches` (the same Poisson distribution as Opacus' sampler, in
+O(batch) per step, gathered by index); Opacus still clips, noises and accounts.
 """
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from client.poisson_batches import poisson_batches
 from common.accounting import DpEvent, merged_history
 from common.config import FineTuneMode
 from common.model import CreditModel
@@ -116,7 +119,7 @@ def _run_phase(
     engine: PrivacyEngine,
     model: CreditModel,
     trainable: nn.Module,
-    dataset: torch.utils.data.Dataset,
+    dataset: TensorDataset,
     plan: DpStepPlan,
     steps: int,
     anchor: list[torch.Tensor],
@@ -130,20 +133,22 @@ def _run_phase(
         parameter.requires_grad_(id(parameter) in wanted)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
-    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=generator)
-    private_model, dp_optimizer, criterion, dp_loader = engine.make_private(
+    private_model, dp_optimizer, criterion, _ = engine.make_private(
         module=model,
         optimizer=optimizer,
         criterion=nn.BCEWithLogitsLoss(),
-        data_loader=loader,
+        data_loader=DataLoader(dataset, batch_size=plan.batch_size),  # never iterated
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=False,  # `loader` already samples each record with the bank's q
+        poisson_sampling=False,  # `poisson_batches` samples each record with the bank's q
         grad_sample_mode=GRAD_SAMPLE_MODE,
     )
     dp_optimizer.generator = generator
     dp_optimizer.secure_mode = True  # 2n Gaussian draws per coordinate (Opacus' FP-attack fix)
     dp_optimizer.expected_batch_size = plan.batch_size  # public, unlike qN
+    # The accountant records q itself: Opacus would take 1 / len(loader), and 1/int(1/q)
+    # differs from q for many unit fractions (1/93, 1/100000: 1/(1/n) rounds below n).
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(plan.sample_rate))
     if canary_gradients is not None:
         _add_canaries_before_noise(dp_optimizer, params, canary_gradients)
     if observe_step is not None:
@@ -151,7 +156,7 @@ def _run_phase(
             lambda *_: observe_step([p.grad.detach().clone() for p in params if p.grad is not None])
         )
     private_model.train()
-    batches = _forever(dp_loader)
+    batches = poisson_batches(dataset.tensors, plan.sample_rate, generator)
     for _ in range(steps):
         numeric, categorical, target = next(batches)
         dp_optimizer.zero_grad()
@@ -218,8 +223,3 @@ def _add_canaries_before_noise(
         real_add_noise()
 
     dp_optimizer.add_noise = add_noise_with_canaries  # type: ignore[attr-defined]
-
-
-def _forever(loader: torch.utils.data.DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
-    while True:
-        yield from loader

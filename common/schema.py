@@ -201,7 +201,14 @@ class FeatureSchema:
         categorical = np.zeros((rows, len(self.categorical)), dtype=np.int64)
         for j, cat in enumerate(self.categorical):
             index = {value: i + 1 for i, value in enumerate(cat.vocabulary)}
-            text = frame[cat.name].astype("string")
+            column = frame[cat.name]
+            if isinstance(column.dtype, pd.CategoricalDtype):  # map each category once
+                lookup = np.array(
+                    [index.get(str(v), 0) for v in column.cat.categories] + [0], dtype=np.int64
+                )
+                categorical[:, j] = lookup[column.cat.codes.to_numpy()]  # code -1: missing
+                continue
+            text = column.astype("string")
             categorical[:, j] = text.map(index).fillna(0).to_numpy(dtype=np.int64)
         label = self.encode_label(frame[self.label], source) if require_label else None
         return EncodedTable(numeric=numeric, categorical=categorical, label=label)
