@@ -88,14 +88,30 @@ def per_example_gradient_sums(
     return sums, squares, counts, norm_total / max(1, len(table.label))
 
 
+def pooled_clipped_mean(
+    model: CreditModel, table: EncodedTable, max_grad_norm: float
+) -> torch.Tensor:
+    """The mean clipped gradient of all of `table`'s rows (the clipping bias at an optimum)."""
+    sums, _, counts, _ = per_example_gradient_sums(
+        model, table, np.zeros(len(table.numeric), dtype=np.int64), max_grad_norm
+    )
+    return sums[0] / counts[0]
+
+
 def measure_gradient_signal(
-    model: CreditModel, table: EncodedTable, groups: np.ndarray, max_grad_norm: float
+    model: CreditModel,
+    table: EncodedTable,
+    groups: np.ndarray,
+    max_grad_norm: float,
+    reference: torch.Tensor | None = None,
 ) -> GradientSignal:
-    """How far a typical group's mean clipped gradient is from the pooled one, debiased."""
+    """How far a typical group's mean clipped gradient is from `reference` (by default the
+    pooled mean of the same rows), corrected for each group's finite size."""
     sums, squares, counts, mean_norm = per_example_gradient_sums(
         model, table, groups, max_grad_norm
     )
-    pooled = torch.stack(list(sums.values())).sum(dim=0) / max(1, sum(counts.values()))
+    if reference is None:
+        reference = torch.stack(list(sums.values())).sum(dim=0) / max(1, sum(counts.values()))
     weighted, rows = 0.0, 0
     for group, total in sums.items():
         n = counts[group]
@@ -103,7 +119,7 @@ def measure_gradient_signal(
             continue
         mean = total / n
         spread = (squares[group] / n - float(mean @ mean)) / (n - 1)  # tr(Σ_g) / n_g
-        offset = mean - pooled
+        offset = mean - reference
         weighted += n * (float(offset @ offset) - spread)
         rows += n
     dimension = sum(p.numel() for p in model.parameters())

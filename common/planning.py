@@ -74,6 +74,7 @@ class Candidate:
     step_noise_to_signal: float  # one bank, one step: σC√d / (B|g|)
     averaged_noise_to_signal: float  # the same over the server's average of K banks
     retained: float  # fraction of the non-private gain the noise leaves
+    break_even_signal: float  # the |g| at which half the gain would survive this plan
 
     @property
     def batch_size(self) -> int:
@@ -148,14 +149,25 @@ def evaluate(
             return None
         sigma = found
     noise = sigma * question.max_grad_norm * math.sqrt(signal.dimension)
+    break_even = noise / (expected_batch * math.sqrt(question.banks) * tolerance)
     useful = expected_batch * signal.signal_norm
     if useful <= 0.0:
-        return Candidate(sample_rate, rounds, sigma, steps, expected_batch, math.inf, math.inf, 0.0)
+        return Candidate(
+            sample_rate, rounds, sigma, steps, expected_batch, math.inf, math.inf, 0.0, break_even
+        )
     step_ratio = noise / useful
     averaged = step_ratio / math.sqrt(question.banks)
     retained = 1.0 / (1.0 + (averaged / tolerance) ** 2)
     return Candidate(
-        sample_rate, rounds, sigma, steps, expected_batch, step_ratio, averaged, retained
+        sample_rate,
+        rounds,
+        sigma,
+        steps,
+        expected_batch,
+        step_ratio,
+        averaged,
+        retained,
+        break_even,
     )
 
 
@@ -178,16 +190,18 @@ def recommend(
         return Recommendation(
             question, None, "keep the public model", "no plan fits the budget at any noise"
         )
-    top = max(c.retained for c in candidates)
-    near = [c for c in candidates if c.retained >= _NEAR_BEST * top]
-    best = max(near, key=lambda c: (c.steps, c.retained))
-    if signal.signal_norm <= 0.0:
+    if signal.signal_norm <= 0.0:  # rank plans by the signal they need instead
+        best = min(candidates, key=lambda c: (c.break_even_signal, -c.steps))
         return Recommendation(
             question,
             best,
             "keep the public model",
-            "public groups show no gradient signal beyond their sampling noise",
+            "no gradient signal to go on (give --signal if the banks' is known); federation "
+            f"would need |g| >= {best.break_even_signal:.3g}",
         )
+    top = max(c.retained for c in candidates)
+    near = [c for c in candidates if c.retained >= _NEAR_BEST * top]
+    best = max(near, key=lambda c: (c.steps, c.retained))
     if best.retained < KEEP_PUBLIC_BELOW:
         return Recommendation(
             question,

@@ -5,6 +5,7 @@ but reads only public files, so a bank can run it too before it agrees to join.
 """
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,12 @@ def add_plan_command(commands: "argparse._SubParsersAction[Any]") -> None:
         type=_bounded("--nonprivate-gain", float, 0, 1),
         help="AUC gain non-private federation would bring, if known: shown as expected gain",
     )
+    plan.add_argument(
+        "--signal",
+        type=float,
+        help="the banks' gradient signal |g| if known (a pilot, an earlier federation's "
+        "aggregate); default: estimated from the public groups",
+    )
     plan.add_argument("--json", type=Path, help="also write the plan as JSON here")
     plan.set_defaults(run=_run_plan)
 
@@ -209,18 +216,24 @@ def _run_plan(args: argparse.Namespace) -> int:
         for n in args.bank_rows
         for eps in args.epsilon
     ]
+    if args.signal is not None and not (args.signal >= 0 and math.isfinite(args.signal)):
+        raise ConfigError(f"--signal must be a non-negative number, got {args.signal}")
     signal = public_gradient_signal(args.encoder, public, group_by, name, args.max_grad_norm)
-    plan = make_plan(signal, questions, rounds=args.rounds)
     print(
         f"public signal: |g| = {signal.signal_norm:.4f} (clip {signal.max_grad_norm}) over "
         f"{signal.groups} groups of '{group_by}', {signal.rows} public rows; "
         f"d = {signal.dimension} parameters"
     )
+    if args.signal is not None:
+        signal = dataclasses.replace(signal, signal_norm=args.signal)
+        print(f"planning with the given --signal {args.signal:g} instead")
+    plan = make_plan(signal, questions, rounds=args.rounds)
     print(_table(plan.recommendations, args.nonprivate_gain))
     print(
         f"noise/signal = σC√d/(B|g|) per step; over K = that/√banks; retained = "
         f"1/(1+(over K/{NOISE_TOLERANCE})²) of the non-private gain; keep the public model "
-        f"when retained < {KEEP_PUBLIC_BELOW}. An empirical first-order model: docs/plan.md."
+        f"when retained < {KEEP_PUBLIC_BELOW}, i.e. |g| under 'needs |g|'. An empirical "
+        "first-order model: docs/plan.md."
     )
     if args.json is not None:
         write_json_atomically(args.json, _as_json(plan.signal, plan.recommendations))
@@ -231,7 +244,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _table(recommendations: list[Recommendation], gain: float | None) -> str:
     header = (
         f"{'loans/bank':>10} {'banks':>5} {'ε':>5} {'q':>9} {'batch':>6} {'rounds':>6} "
-        f"{'σ':>6} {'noise/signal':>12} {'over K':>7} {'retained':>8}"
+        f"{'σ':>6} {'noise/signal':>12} {'over K':>7} {'retained':>8} {'needs |g|':>9}"
         + (f" {'exp. gain':>9}" if gain is not None else "")
         + "  verdict"
     )
@@ -248,7 +261,7 @@ def _table(recommendations: list[Recommendation], gain: float | None) -> str:
             f"{q.bank_rows:>10} {q.banks:>5} {eps:>5} {'1/' + str(round(1 / best.sample_rate)):>9} "
             f"{best.batch_size:>6} {best.rounds:>6} {best.noise_multiplier:>6.2f} "
             f"{best.step_noise_to_signal:>12.3g} {best.averaged_noise_to_signal:>7.3g} "
-            f"{best.retained:>8.2f}"
+            f"{best.retained:>8.2f} {best.break_even_signal:>9.3g}"
             f"{expected}  {rec.verdict}: {rec.reason}"
         )
     return "\n".join(lines)
@@ -280,6 +293,7 @@ def _as_json(signal: Any, recommendations: list[Recommendation]) -> dict[str, An
                     "step_noise_to_signal": finite(best.step_noise_to_signal),
                     "averaged_noise_to_signal": finite(best.averaged_noise_to_signal),
                     "retained": best.retained,
+                    "break_even_signal": best.break_even_signal,
                 },
             }
         )

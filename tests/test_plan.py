@@ -175,3 +175,12 @@ def test_bad_plan_flags_get_one_line_naming_the_flag(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and named in err[0]
+
+
+def test_a_bank_signal_at_the_break_even_keeps_exactly_half_the_gain() -> None:
+    question = PlanQuestion(10_000, 5, 1.0)
+    blind = evaluate(question, _signal(0.0), 0.1, 3)
+    assert blind is not None and blind.retained == 0.0
+    at_break_even = evaluate(question, _signal(blind.break_even_signal), 0.1, 3)
+    assert at_break_even is not None
+    assert at_break_even.retained == pytest.approx(0.5)
