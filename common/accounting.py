@@ -128,9 +128,10 @@ def calibrate_noise_multiplier(
         rdp_high = _bisect(lambda sigma: fits(sigma, rounds, "rdp"), low, high, 1e-3)
         if fits(rdp_high, rounds):
             high = rdp_high
-            low = max(low, high / 1.25)
-            if fits(low, rounds):
-                return low
+            # Walk down in steps of 1.25 until a σ does not fit (min_noise_multiplier did
+            # not, above), so the bisection below brackets the smallest σ that fits.
+            while fits(candidate := max(low, high / 1.25), rounds):
+                high = candidate
     return _bisect(lambda sigma: fits(sigma, rounds), low, high, _SIGMA_TOLERANCE)
 
 

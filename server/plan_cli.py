@@ -166,7 +166,7 @@ def add_plan_command(commands: "argparse._SubParsersAction[Any]") -> None:
     )
     plan.add_argument(
         "--signal",
-        type=float,
+        type=_bounded("--signal", float, 0, 1000, open_low=False),
         help="the banks' gradient signal |g| if known (a pilot, an earlier federation's "
         "aggregate); default: estimated from the public groups",
     )
@@ -230,9 +230,9 @@ def _run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(signal, questions, rounds=args.rounds)
     print(_table(plan.recommendations, args.nonprivate_gain))
     print(
-        f"noise/signal = σC√d/(B|g|) per step; over K = that/√banks; retained = "
-        f"1/(1+(over K/{NOISE_TOLERANCE})²) of the non-private gain; keep the public model "
-        f"when retained < {KEEP_PUBLIC_BELOW}, i.e. |g| under 'needs |g|'. An empirical "
+        f"noise/signal = σC√d/(B|g|) per step; retained = 1/(1+(noise/signal / "
+        f"{NOISE_TOLERANCE:.3g})²) of the non-private gain; keep the public model when retained "
+        f"< {KEEP_PUBLIC_BELOW}, i.e. |g| under 'needs |g|'. An empirical "
         "first-order model: docs/plan.md."
     )
     if args.json is not None:
@@ -244,7 +244,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _table(recommendations: list[Recommendation], gain: float | None) -> str:
     header = (
         f"{'loans/bank':>10} {'banks':>5} {'ε':>5} {'q':>9} {'batch':>6} {'rounds':>6} "
-        f"{'σ':>6} {'noise/signal':>12} {'over K':>7} {'retained':>8} {'needs |g|':>9}"
+        f"{'σ':>6} {'noise/signal':>12} {'retained':>8} {'needs |g|':>9}"
         + (f" {'exp. gain':>9}" if gain is not None else "")
         + "  verdict"
     )
@@ -260,8 +260,8 @@ def _table(recommendations: list[Recommendation], gain: float | None) -> str:
         lines.append(
             f"{q.bank_rows:>10} {q.banks:>5} {eps:>5} {'1/' + str(round(1 / best.sample_rate)):>9} "
             f"{best.batch_size:>6} {best.rounds:>6} {best.noise_multiplier:>6.2f} "
-            f"{best.step_noise_to_signal:>12.3g} {best.averaged_noise_to_signal:>7.3g} "
-            f"{best.retained:>8.2f} {best.break_even_signal:>9.3g}"
+            f"{best.step_noise_to_signal:>12.3g} {best.retained:>8.2f} "
+            f"{best.break_even_signal:>9.3g}"
             f"{expected}  {rec.verdict}: {rec.reason}"
         )
     return "\n".join(lines)
@@ -291,7 +291,6 @@ def _as_json(signal: Any, recommendations: list[Recommendation]) -> dict[str, An
                     "steps": best.steps,
                     "noise_multiplier": best.noise_multiplier,
                     "step_noise_to_signal": finite(best.step_noise_to_signal),
-                    "averaged_noise_to_signal": finite(best.averaged_noise_to_signal),
                     "retained": best.retained,
                     "break_even_signal": best.break_even_signal,
                 },

@@ -90,14 +90,14 @@ def test_the_plan_uses_the_banks_own_noise_calibration() -> None:
     assert candidate.steps == 50 and candidate.expected_batch == pytest.approx(1_000)
 
 
-def test_more_loans_more_banks_and_more_epsilon_each_keep_more_of_the_gain() -> None:
+def test_more_loans_and_more_epsilon_keep_more_of_the_gain_and_more_banks_do_not() -> None:
     def retained(rows: int, banks: int, epsilon: float) -> float:
         c = evaluate(PlanQuestion(rows, banks, epsilon), _signal(0.05), 0.1, 3)
         assert c is not None
         return c.retained
 
     assert retained(1_000, 5, 1.0) < retained(10_000, 5, 1.0) < retained(100_000, 5, 1.0)
-    assert retained(1_000, 5, 1.0) < retained(1_000, 20, 1.0)
+    assert retained(1_000, 5, 1.0) == retained(1_000, 20, 1.0)  # the map measured no √K gain
     assert retained(1_000, 5, 1.0) < retained(1_000, 5, 8.0)
     assert retained(1_000, 5, math.inf) == 1.0
 
