@@ -886,6 +886,27 @@ def _fmt(value: float, half: float, sign: bool = False) -> str:
     return text if math.isnan(half) else f"{text} ± {half:.4f}"
 
 
+def _underspent(summary: Sequence[dict[str, Any]]) -> list[str]:
+    """Cells whose banks spent well under their ε: the noise was set by something else."""
+    cells = [
+        f"{e['rows']:,}×{e['banks']} ε {e['epsilon']} (spent "
+        f"{e['methods']['d_fedfin']['max_epsilon_spent']:.2f})"
+        for e in summary
+        if e["epsilon"] != NON_PRIVATE
+        and "d_fedfin" in e["methods"]
+        and e["methods"]["d_fedfin"]["max_epsilon_spent"] < 0.9 * float(e["epsilon"])
+    ]
+    if not cells:
+        return []
+    return [
+        "",
+        "ε spent well under the budget in " + ", ".join(cells) + ": there σ is not set by the "
+        "budget but by the policy's floor σ = 0.5, or (1M loans, ε 1) by "
+        "`common.accounting.calibrate_noise_multiplier`, whose RDP bracket returns σ = 0.797 "
+        "where the PRV accountant allows about 0.69: these cells are noisier than their ε needs.",
+    ]
+
+
 def _auc_cell(methods: dict[str, Any], method: str) -> str:
     m = methods.get(method)
     return _fmt(m["auc"], m["auc_ci"]) if m else "—"
@@ -905,7 +926,8 @@ def markdown(result: dict[str, Any]) -> str:
         "## Privacy-utility map: synthetic Lending Club banks of 10^3 to 10^6 loans",
         "",
         f"- {headline(result)}",
-        f"- Command: `{result['command']}`; compute {result.get('compute_seconds', 0)} s "
+        f"- Command: `{result['command']}`; wall {result.get('compute_seconds', 0)} s, "
+        f"CPU {result.get('cpu_seconds', '—')} s of the benchmark process "
         f"({len(result['records'])} cell-seeds); seeds {seeds}; commit {env['git_commit']}"
         f"{' + uncommitted changes' if env['git_dirty'] else ''}.",
         f"- Machine: {env['cpu']}, {env['cores']} cores, 1 torch thread, load average "
@@ -969,6 +991,7 @@ def markdown(result: dict[str, Any]) -> str:
         "*pays*: the 95% interval of fedfin's paired gain over the public model lies above 0. "
         "Gradient boosting, pooled and the public model spend no ε; they repeat in every "
         "column of a cell.",
+        *_underspent(summary),
         "",
         "**Worst bank AUC** (mean ± 95% t-interval over seeds of the lowest bank AUC in a cell)",
         "",
