@@ -296,6 +296,8 @@ def _as_numeric(column: pd.Series, name: str, source: str) -> np.ndarray:
     text = category_text(column)
     if is_text(column):
         text = text.where(~text.isin(list(MISSING_WORDS)))
+    if text.isna().all():  # nothing but missing values (pd.NA, None, blanks): imputed later
+        return np.full(len(column), np.nan)
     converted = numbers_in_text(text, name, source) if is_text(column) else None
     if converted is None:
         bad = text.dropna()

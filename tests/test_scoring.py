@@ -122,7 +122,6 @@ def test_unusual_but_valid_values_are_read_as_the_schema_reads_them(
         {**row, "int_rate": str(row["int_rate"])},  # a number sent as text
         {**row, "funded_amnt": np.int32(row["funded_amnt"])},  # numpy scalars
         {**row, "annual_inc": np.float32(row["annual_inc"])},
-        {**row, "acc_now_delinq": True},  # the schema reads a bool as 1
         {**row, "term": 36},  # a category that is not text: its string form
         {**row, "revol_util": pd.NA},
     ]
@@ -141,8 +140,9 @@ def test_bad_applications_are_refused_with_the_schemas_message(
     row = bank.applications.iloc[0].to_dict()
     bad = {
         "missing": {k: v for k, v in row.items() if k != "int_rate"},
-        "text": {**row, "annual_inc": "n/a"},
+        "text": {**row, "annual_inc": "twelve"},  # ("n/a" is a missing value: imputed)
         "inf": {**row, "revol_util": math.inf},
+        "bool": {**row, "acc_now_delinq": True},  # True/False is a category, never a number
     }
     for application in bad.values():
         with pytest.raises(DataError) as schema_error:
@@ -151,7 +151,7 @@ def test_bad_applications_are_refused_with_the_schemas_message(
             scorer.score_one(application, "request")
         assert str(fast_error.value) == str(schema_error.value)
     assert "'int_rate' is missing" in str(_error(scorer, bad["missing"]))
-    assert "'annual_inc' must be numeric, found 'n/a'" in str(_error(scorer, bad["text"]))
+    assert "'annual_inc' must be numeric, found 'twelve'" in str(_error(scorer, bad["text"]))
     assert "'revol_util' contains Inf" in str(_error(scorer, bad["inf"]))
     with pytest.raises(DataError, match="expected a mapping"):
         scorer.score_one([1, 2, 3])  # type: ignore[arg-type]
