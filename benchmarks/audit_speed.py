@@ -19,8 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from common.accounting import DpEvent, epsilon_spent
-from common.ledger import PrivacyLedger
+from fedfin.common.accounting import DpEvent, epsilon_spent
+from fedfin.common.ledger import PrivacyLedger
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "simulations.cli",
+                "fedfin.simulations.cli",
                 "audit",
                 str(state),
                 "--json",

@@ -80,9 +80,9 @@ def _proto_bytes(content: RecordDict) -> int:
 
 def computed_sizes(encoder_dir: Path) -> dict[str, Any]:
     """Bytes of one round's messages for one bank: fedfin (encoder only) vs whole model."""
-    from common.checkpoint import load_encoder_checkpoint
-    from common.config import TrainPlanConfig
-    from common.protocol import (
+    from fedfin.common.checkpoint import load_encoder_checkpoint
+    from fedfin.common.config import TrainPlanConfig
+    from fedfin.common.protocol import (
         ARRAYS,
         CONFIG,
         EPSILON,
@@ -93,8 +93,8 @@ def computed_sizes(encoder_dir: Path) -> dict[str, Any]:
         STATUS_OK,
         RoundInstructions,
     )
-    from common.shared_weights import to_array_record
-    from server.server_app import load_source_head
+    from fedfin.common.shared_weights import to_array_record
+    from fedfin.server.server_app import load_source_head
 
     start = load_encoder_checkpoint(encoder_dir)
     encoder = start.arrays
@@ -171,9 +171,9 @@ def measured_sizes(work: Path, encoder_dir: Path, banks: int, rounds: int) -> di
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from common.config import PretrainConfig, SplitConfig
-    from common.sources import load_source
-    from server.pretrain import pretrain
+    from fedfin.common.config import PretrainConfig, SplitConfig
+    from fedfin.common.sources import load_source
+    from fedfin.server.pretrain import pretrain
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedfin-bench-comm-") as tmp:
@@ -258,9 +258,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def _measure_main(argv: list[str]) -> None:
     """Child process: the real simulation, with `MessageSizer` on every bank."""
-    from common.config import FederationConfig, PrivacyPolicy, SplitConfig
-    from common.sources import load_source
-    from simulations.simulate import SimulationRequest, simulate
+    from fedfin.common.config import FederationConfig, PrivacyPolicy, SplitConfig
+    from fedfin.common.sources import load_source
+    from fedfin.simulations.simulate import SimulationRequest, simulate
 
     out, encoder_dir, log, banks, rounds = argv
     simulate(

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.dp_training import DpStepPlan, train_with_dp
-from client.poisson_batches import poisson_batches, poisson_indices
-from common.config import ModelConfig
-from common.model import build_model
-from common.schema import EncodedTable, FeatureSchema
-from common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
-from common.tensors import as_dataset
+from fedfin.client.dp_training import DpStepPlan, train_with_dp
+from fedfin.client.poisson_batches import poisson_batches, poisson_indices
+from fedfin.common.config import ModelConfig
+from fedfin.common.model import build_model
+from fedfin.common.schema import EncodedTable, FeatureSchema
+from fedfin.common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
+from fedfin.common.tensors import as_dataset
 
 NAME = "dp-speed"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,10 +22,10 @@ from unittest import mock
 
 import torch
 
-from client.empirical_audit import EmpiricalAudit, EmpiricalAuditConfig, run_empirical_audit
-from common.config import PretrainConfig, SplitConfig
-from common.sources import load_source
-from server.pretrain import pretrain
+from fedfin.client.empirical_audit import EmpiricalAudit, EmpiricalAuditConfig, run_empirical_audit
+from fedfin.common.config import PretrainConfig, SplitConfig
+from fedfin.common.sources import load_source
+from fedfin.server.pretrain import pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,7 +52,7 @@ def noise_divided_by_ten() -> Iterator[None]:
 def clipping_disabled() -> Iterator[None]:
     """Per-example clipping off (fedfin clips in its optimizer's `clip_and_accumulate`); the
     noise keeps the planned σC."""
-    from client.clipped_gradients import ClippedSumOptimizer
+    from fedfin.client.clipped_gradients import ClippedSumOptimizer
 
     real = ClippedSumOptimizer.clip_and_accumulate
 

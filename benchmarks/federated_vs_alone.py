@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from common.checkpoint import load_encoder_checkpoint
-from common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
-from common.sources import load_source
-from simulations.baselines import train_alone
-from simulations.simulate import PRETRAINED_DIR, SimulationRequest, simulate
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
+from fedfin.common.sources import load_source
+from fedfin.simulations.baselines import train_alone
+from fedfin.simulations.simulate import PRETRAINED_DIR, SimulationRequest, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,7 +41,7 @@ def run_seed(seed: int, epsilon: float, banks: int, rounds: int, work: Path) -> 
     )
     encoder_dir = out / PRETRAINED_DIR
     start = load_encoder_checkpoint(encoder_dir)
-    from simulations.simulated_banks import lay_out_banks
+    from fedfin.simulations.simulated_banks import lay_out_banks
 
     settings = lay_out_banks(source.split(SplitConfig(num_banks=banks, seed=seed)), out, policy)
     rows = {}

@@ -34,14 +34,14 @@ from benchmarks.privacy_utility_map import (
     _pretrain,
     model_of,
 )
-from common.gradient_signal import (
+from fedfin.common.gradient_signal import (
     GradientSignal,
     measure_gradient_signal,
     pooled_clipped_mean,
 )
-from common.lending_club import STATE_COLUMN
-from common.lending_club_generator import LendingClubGenerator
-from common.planning import KEEP_PUBLIC_BELOW, PlanQuestion, evaluate
+from fedfin.common.lending_club import STATE_COLUMN
+from fedfin.common.lending_club_generator import LendingClubGenerator
+from fedfin.common.planning import KEEP_PUBLIC_BELOW, PlanQuestion, evaluate
 
 OUT_JSON = RESULTS / "plan_vs_map.json"
 OUT_MD = RESULTS / "plan_vs_map.md"

@@ -36,24 +36,24 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from client.bank_data import load_bank_data
-from client.bank_settings import BankSettings
-from common import accounting
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
-from common.config import PretrainConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
-from common.ledger import PrivacyLedger
-from common.metrics import credit_metrics
-from common.model import build_model
-from common.partition import FederatedSplit
-from common.schema import EncodedTable, FeatureSchema
-from common.shared_weights import shared_arrays
-from common.sources import DataSource, load_source
-from server.pretrain import pretrain
-from server.server_app import load_source_head
-from simulations.baselines import train_alone
-from simulations.federated_loop import LoopConfig, Sharing, run_federated_loop
-from simulations.simulate import public_model_metrics
-from simulations.simulated_banks import lay_out_banks
+from fedfin.client.bank_data import load_bank_data
+from fedfin.client.bank_settings import BankSettings
+from fedfin.common import accounting
+from fedfin.common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from fedfin.common.config import PretrainConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.metrics import credit_metrics
+from fedfin.common.model import build_model
+from fedfin.common.partition import FederatedSplit
+from fedfin.common.schema import EncodedTable, FeatureSchema
+from fedfin.common.shared_weights import shared_arrays
+from fedfin.common.sources import DataSource, load_source
+from fedfin.server.pretrain import pretrain
+from fedfin.server.server_app import load_source_head
+from fedfin.simulations.baselines import train_alone
+from fedfin.simulations.federated_loop import LoopConfig, Sharing, run_federated_loop
+from fedfin.simulations.simulate import public_model_metrics
+from fedfin.simulations.simulated_banks import lay_out_banks
 
 NAME = "privacy-utility"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -484,7 +484,7 @@ def _cross_check(args: argparse.Namespace, rows: list[Row], work: Path) -> dict[
     out = work / "cross-check"
     encoder_dir = work / MAIN / f"seed-{seed}" / "pretrained"
     command = [
-        sys.executable, "-m", "simulations.cli", "simulate",
+        sys.executable, "-m", "fedfin.simulations.cli", "simulate",
         "--banks", str(args.banks), "--rounds", str(args.rounds), "--epsilon", "1",
         "--seed", str(seed), "--encoder", str(encoder_dir), "--out", str(out), "--no-audit",
     ]  # fmt: skip

@@ -48,21 +48,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import accounting
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
-from common.config import PretrainConfig, PrivacyPolicy, TrainPlanConfig
-from common.errors import PrivacyBudgetError
-from common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN
-from common.lending_club_generator import LendingClubGenerator
-from common.metrics import roc_auc
-from common.model import CreditModel
-from common.protocol import RoundInstructions
-from common.schema import EncodedTable
-from common.shared_weights import load_shared_arrays, shared_arrays
-from common.tensors import as_dataset, predict_proba
-from server.pretrain import pretrain
-from server.server_app import load_source_head
-from simulations.federated_loop import fedavg
+from fedfin.common import accounting
+from fedfin.common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from fedfin.common.config import PretrainConfig, PrivacyPolicy, TrainPlanConfig
+from fedfin.common.errors import PrivacyBudgetError
+from fedfin.common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN
+from fedfin.common.lending_club_generator import LendingClubGenerator
+from fedfin.common.metrics import roc_auc
+from fedfin.common.model import CreditModel
+from fedfin.common.protocol import RoundInstructions
+from fedfin.common.schema import EncodedTable
+from fedfin.common.shared_weights import load_shared_arrays, shared_arrays
+from fedfin.common.tensors import as_dataset, predict_proba
+from fedfin.server.pretrain import pretrain
+from fedfin.server.server_app import load_source_head
+from fedfin.simulations.federated_loop import fedavg
 
 NAME = "privacy-utility-map"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -238,9 +238,9 @@ def dp_round(
     noise_seed: int,
 ) -> OrderedDict[str, np.ndarray] | None:
     """One bank-round through the bank's own approval and DP-SGD; None if declined."""
-    from client.bank_state import BankState
-    from client.budget import approve_round
-    from client.dp_training import train_with_dp
+    from fedfin.client.bank_state import BankState
+    from fedfin.client.budget import approve_round
+    from fedfin.client.dp_training import train_with_dp
 
     checkpoint = public.checkpoint
     instructions = RoundInstructions(

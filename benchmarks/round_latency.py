@@ -24,8 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 IMPORTS = {
-    "clientapp_evaluate_path": "import client.client_app",
-    "clientapp_train_path": "import client.client_app, client.budget, client.dp_training",
+    "clientapp_evaluate_path": "import fedfin.client.client_app",
+    "clientapp_train_path": (
+        "import fedfin.client.client_app, fedfin.client.budget, fedfin.client.dp_training"
+    ),
     "torch_alone": "import torch",
 }
 
@@ -82,7 +84,7 @@ def main() -> None:
         figures["deployment_seconds_per_round"] = round_seconds(work / "deploy/server/rounds.jsonl")
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "simulations.cli", "simulate", "--banks", "3", "--rounds",
+            [sys.executable, "-m", "fedfin.simulations.cli", "simulate", "--banks", "3", "--rounds",
              "2", "--epsilon", "1.0", "--out", str(work / "sim"), "--no-audit"],
             check=True, cwd=ROOT, env={**env, "FLWR_HOME": str(work / "flwr-sim")},
             stdout=subprocess.DEVNULL, start_new_session=True,

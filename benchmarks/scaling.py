@@ -238,10 +238,10 @@ def markdown(result: dict[str, Any]) -> str:
 def _child_main(argv: list[str]) -> None:
     """Fresh process: synthetic data, pretraining, then the timed simulation."""
     began = time.perf_counter()
-    from common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
-    from common.sources import load_source
-    from server.pretrain import pretrain
-    from simulations.simulate import SimulationRequest, simulate
+    from fedfin.common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
+    from fedfin.common.sources import load_source
+    from fedfin.server.pretrain import pretrain
+    from fedfin.simulations.simulate import SimulationRequest, simulate
 
     banks, rows_per_bank, rounds = int(argv[0]), int(argv[1]), int(argv[2])
     out, timings = Path(argv[3]), Path(argv[4])

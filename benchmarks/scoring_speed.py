@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client.explain import Explainer
-from client.scoring import Scorer
+from fedfin.client.explain import Explainer
+from fedfin.client.scoring import Scorer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +47,13 @@ LAUNCH = (  # `fedfin serve`, through the same parser the fedfin CLI uses
 
 def build_bank(directory: Path) -> tuple[Path, Path, pd.DataFrame]:
     """Pretrained encoder + bank 0 after one DP round; returns state dir, encoder, its test rows."""
-    from client.bank_settings import BankSettings
-    from client.bank_worker import train_round
-    from common.checkpoint import load_encoder_checkpoint
-    from common.config import PretrainConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
-    from common.protocol import RoundInstructions
-    from common.sources import load_source
-    from server.pretrain import pretrain
+    from fedfin.client.bank_settings import BankSettings
+    from fedfin.client.bank_worker import train_round
+    from fedfin.common.checkpoint import load_encoder_checkpoint
+    from fedfin.common.config import PretrainConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
+    from fedfin.common.protocol import RoundInstructions
+    from fedfin.common.sources import load_source
+    from fedfin.server.pretrain import pretrain
 
     source = load_source("lending-club")
     split = source.split(SplitConfig(num_banks=5, seed=0))
@@ -214,7 +214,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fedfin-scoring-bench-") as tmp:
         if args.state_dir and args.encoder:
-            from common.tables import read_table
+            from fedfin.common.tables import read_table
 
             if args.data is None:
                 raise SystemExit("--data is needed with --state-dir and --encoder")

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import DataError
-from common.schema import EncodedTable, FeatureSchema
-from common.tables import TABLE_SUFFIXES, read_table
+from fedfin.common.errors import DataError
+from fedfin.common.schema import EncodedTable, FeatureSchema
+from fedfin.common.tables import TABLE_SUFFIXES, read_table
 
 _FIELD_SEPARATOR = "\x1f"
 _HASH_SCALE = float(2**64)

@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.clientappio import AppIdentity, ClaimedTask, RuntimeApi, RuntimeApiError, fab_identity
-from client.runner_config import RunnerConfig
-from common.protocol import (
+from fedfin.client.clientappio import (
+    AppIdentity,
+    ClaimedTask,
+    RuntimeApi,
+    RuntimeApiError,
+    fab_identity,
+)
+from fedfin.client.runner_config import RunnerConfig
+from fedfin.common.protocol import (
     REASON_DECLINED,
     REASON_KEY,
     REASON_NOT_ALLOWED,

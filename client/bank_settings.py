@@ -9,8 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.config import PrivacyPolicy
-from common.errors import ConfigError
+from fedfin.common.config import PrivacyPolicy
+from fedfin.common.errors import ConfigError
 
 _POLICY_KEYS = {
     "epsilon-budget": "epsilon_budget",
@@ -43,13 +43,20 @@ class BankSettings:
     # (client/bank_data.py says why). About 200 of Lending Club's ~880 training rows a bank.
     validation_fraction: float = 0.2
     seed: int = 0  # head initialisation: not secret (the train/test split uses a secret key)
-    # DP noise and Poisson sampling draw from a secret seed unless this is set. Set it only
-    # for reproducible tests and benchmarks: whoever knows it can regenerate the noise.
+    # DP noise and Poisson sampling draw from a secret seed unless this is set. Only code
+    # sets it (reproducible tests and benchmarks): a node config or runner file that names
+    # `noise-seed` is refused, since whoever knows the seed can regenerate the noise.
     noise_seed: int | None = None
 
 
 def settings_from_node_config(node_config: dict[str, Any]) -> BankSettings:
     """Parse and check the node config; a missing or bad key is one `ConfigError` naming it."""
+    if "noise-seed" in node_config:
+        raise ConfigError(
+            "node config 'noise-seed' is refused: whoever learns a fixed noise seed can "
+            "regenerate the DP noise and remove it; remove the key (each round's noise "
+            "comes from the operating system's secret generator)"
+        )
     for key in ("data-path", "state-dir"):
         if not str(node_config.get(key, "")).strip():
             raise ConfigError(f"node config '{key}' is required (set it with --node-config)")
@@ -77,11 +84,6 @@ def settings_from_node_config(node_config: dict[str, Any]) -> BankSettings:
         test_fraction=test_fraction,
         validation_fraction=validation_fraction,
         seed=_coerce("seed", node_config.get("seed", 0), int),
-        noise_seed=(
-            _coerce("noise-seed", node_config["noise-seed"], int)
-            if "noise-seed" in node_config
-            else None
-        ),
     )
 
 

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import write_atomically, write_json_atomically
-from common.errors import CheckpointError, ConfigError
-from common.ledger import PrivacyLedger
-from common.model import CreditModel
+from fedfin.common.atomic import write_atomically, write_json_atomically
+from fedfin.common.errors import CheckpointError, ConfigError
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.model import CreditModel
 
 HEAD_FILE = "head.npz"
 HEAD_META_FILE = "head.json"

@@ -23,26 +23,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from client.bank_data import load_bank_data
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from client.dp_releases import (
+from fedfin.client.bank_data import load_bank_data
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.client.dp_releases import (
     mechanism_event,
     metrics_from_histograms,
     noisy_count,
     noisy_score_histograms,
 )
-from client.release import array_sha256, record_release
-from common.accounting import DpEvent, epsilon_spent, merged_history
-from common.errors import DataError, PrivacyBudgetError
-from common.metrics import credit_metrics
-from common.model import CreditModel, build_model
-from common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
-from common.shared_weights import load_shared_arrays, shared_arrays
-from common.tensors import predict_proba
+from fedfin.client.release import array_sha256, record_release
+from fedfin.common.accounting import DpEvent, epsilon_spent, merged_history
+from fedfin.common.errors import DataError, PrivacyBudgetError
+from fedfin.common.metrics import credit_metrics
+from fedfin.common.model import CreditModel, build_model
+from fedfin.common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
+from fedfin.common.shared_weights import load_shared_arrays, shared_arrays
+from fedfin.common.tensors import predict_proba
 
 if TYPE_CHECKING:  # Opacus is imported only when a bank trains
-    from client.dp_training import CanaryGradients, StepObserver
+    from fedfin.client.dp_training import CanaryGradients, StepObserver
 
 log = logging.getLogger("fedfin.bank")
 CHARGE = "charge"
@@ -111,8 +111,8 @@ def train_round(
     `canary_gradients` (`fedfin audit --empirical` only) adds the audit's canaries to each step.
     """
     # Opacus loads here, not at import: evaluation messages do not need it.
-    from client.budget import approve_round
-    from client.dp_training import train_with_dp
+    from fedfin.client.budget import approve_round
+    from fedfin.client.dp_training import train_with_dp
 
     state = BankState(settings.state_dir)
     policy = settings.policy

@@ -13,17 +13,17 @@ epochs / q, and the server's epochs and horizon are clamped to the policy's boun
 import math
 from dataclasses import dataclass
 
-from client.bank_state import BankState, NoisePlan
-from client.dp_training import DpStepPlan
-from common.accounting import (
+from fedfin.client.bank_state import BankState, NoisePlan
+from fedfin.client.dp_training import DpStepPlan
+from fedfin.common.accounting import (
     DpEvent,
     calibrate_noise_multiplier,
     epsilon_spent,
     max_steps_within_budget,
 )
-from common.config import PrivacyPolicy
-from common.errors import PrivacyBudgetError
-from common.protocol import RoundInstructions
+from fedfin.common.config import PrivacyPolicy
+from fedfin.common.errors import PrivacyBudgetError
+from fedfin.common.protocol import RoundInstructions
 
 
 class BudgetSpentError(PrivacyBudgetError):

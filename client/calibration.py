@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import CheckpointError
-from common.model import CreditModel
+from fedfin.common.errors import CheckpointError
+from fedfin.common.model import CreditModel
 
 _MAX_NEWTON_STEPS = 100
 

@@ -21,11 +21,12 @@ from flwr.app import MetricRecordValues as MetricValue
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.bank_settings import BankSettings, settings_from_node_config
-from client.bank_worker import BankReply, evaluate_round, record_decline, train_round
-from client.release_guard import release_guard
-from common.errors import FedfinError
-from common.protocol import (
+from fedfin.client.bank_settings import BankSettings, settings_from_node_config
+from fedfin.client.bank_worker import BankReply, evaluate_round, record_decline, train_round
+from fedfin.client.release_guard import release_guard
+from fedfin.common.errors import FedfinError
+from fedfin.common.logs import log_like_flower_unless_configured
+from fedfin.common.protocol import (
     ARRAYS,
     BANK_KEY,
     CONFIG,
@@ -45,7 +46,7 @@ from common.protocol import (
     STATUS_OK,
     RoundInstructions,
 )
-from common.shared_weights import from_array_record, to_array_record
+from fedfin.common.shared_weights import from_array_record, to_array_record
 
 log = logging.getLogger("fedfin.bank")
 SettingsResolver = Callable[[Context], BankSettings]
@@ -57,7 +58,7 @@ def settings_from_context(context: Context) -> BankSettings:
 
 def declined_reason(exc: Exception) -> str:
     """The one thing the server may learn about a failure: one of two fixed strings."""
-    from client.budget import BudgetSpentError
+    from fedfin.client.budget import BudgetSpentError
 
     return REASON_BUDGET if isinstance(exc, BudgetSpentError) else REASON_DECLINED
 
@@ -106,6 +107,7 @@ def build_client_app(
     `release_guard` always wraps the handlers, innermost, so that extra `mods` (e.g. for
     logging or measuring) see exactly what leaves the bank.
     """
+    log_like_flower_unless_configured()  # a Ray worker or SuperNode process: Flower's format
     app = ClientApp(mods=[*mods, release_guard])
 
     def handle(message: Message, context: Context, train: bool) -> Message:

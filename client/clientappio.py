@@ -54,7 +54,7 @@ from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from common.errors import ConfigError, FedfinError
+from fedfin.common.errors import ConfigError, FedfinError
 
 log = logging.getLogger("fedfin.runner")
 

@@ -9,7 +9,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
 
 
 def check_superlink_connection(address: str, root_certificates: Path, timeout: float = 5.0) -> str:

@@ -14,7 +14,7 @@ with the training steps and `fedfin audit` recomputes it like any other event.
 import numpy as np
 import torch
 
-from common.accounting import DpEvent
+from fedfin.common.accounting import DpEvent
 
 # Public bin edges on the logit of the predicted default probability: default rates are a
 # few percent, so equal-width probability bins would put nearly every loan in one bin.

@@ -34,13 +34,13 @@ from opacus.accountants import PRVAccountant
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.clipped_gradients import ClippedGradients, ClippedSumOptimizer
-from client.poisson_batches import poisson_batches
-from common.accounting import DpEvent, merged_history
-from common.config import FineTuneMode
-from common.model import CreditModel
-from common.schema import EncodedTable
-from common.tensors import as_dataset
+from fedfin.client.clipped_gradients import ClippedGradients, ClippedSumOptimizer
+from fedfin.client.poisson_batches import poisson_batches
+from fedfin.common.accounting import DpEvent, merged_history
+from fedfin.common.config import FineTuneMode
+from fedfin.common.model import CreditModel
+from fedfin.common.schema import EncodedTable
+from fedfin.common.tensors import as_dataset
 
 
 @dataclass(frozen=True)

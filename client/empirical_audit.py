@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.bank_settings import BankSettings
-from client.bank_worker import train_round
-from common.accounting import DpEvent, calibrate_noise_multiplier, epsilon_spent
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
-from common.config import ModelConfig, PrivacyPolicy, TrainPlanConfig
-from common.errors import ConfigError
-from common.one_run_audit import (
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_worker import train_round
+from fedfin.common.accounting import DpEvent, calibrate_noise_multiplier, epsilon_spent
+from fedfin.common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from fedfin.common.config import ModelConfig, PrivacyPolicy, TrainPlanConfig
+from fedfin.common.errors import ConfigError
+from fedfin.common.one_run_audit import (
     CONFIDENCE,
     NoiseDiagnostics,
     epsilon_lower_bound,
@@ -35,8 +35,8 @@ from common.one_run_audit import (
     noise_diagnostics,
     perfect_guess_ceiling,
 )
-from common.protocol import RoundInstructions
-from common.schema import FeatureSchema
+from fedfin.common.protocol import RoundInstructions
+from fedfin.common.schema import FeatureSchema
 
 _AUDIT_BUDGET = 1e6  # the throwaway ledger's budget: σ is fixed by the audit's plan instead
 
@@ -232,14 +232,14 @@ def _audited_encoder(
 ) -> Mapping[str, np.ndarray]:
     if not config.fresh_encoder:
         return checkpoint.arrays
-    from common.model import build_model
-    from common.shared_weights import shared_arrays
+    from fedfin.common.model import build_model
+    from fedfin.common.shared_weights import shared_arrays
 
     return shared_arrays(build_model(checkpoint.schema, checkpoint.model_config, config.seed + 1))
 
 
 def _parameter_count(schema: FeatureSchema, model_config: ModelConfig, seed: int) -> int:
-    from common.model import build_model
+    from fedfin.common.model import build_model
 
     return sum(p.numel() for p in build_model(schema, model_config, seed).parameters())
 
@@ -294,7 +294,7 @@ def write_empirical_plot(path: Path, audit: EmpiricalAudit) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.atomic import write_atomically
+    from fedfin.common.atomic import write_atomically
 
     figure, axes = plt.subplots(figsize=(8, 4.5))
     both = audit.scores_in + audit.scores_out

@@ -31,10 +31,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from client.scoring import Scorer, embeddings_of, sigmoid
-from common.atomic import write_atomically
-from common.errors import ConfigError
-from common.model import CreditModel
+from fedfin.client.scoring import Scorer, embeddings_of, sigmoid
+from fedfin.common.atomic import write_atomically
+from fedfin.common.errors import ConfigError
+from fedfin.common.model import CreditModel
 
 DEFAULT_STEPS = 32  # Gauss-Legendre: |convergence delta| about 1e-8 on Lending Club
 DEFAULT_SAMPLE = 500

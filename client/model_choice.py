@@ -36,28 +36,28 @@ from typing import Any
 
 import numpy as np
 
-from client.bank_data import load_bank_splits
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from client.bank_worker import encoder_sha256
-from client.calibration import PlattCalibration, fit_platt, fold_calibration
-from common.atomic import write_atomically, write_json_atomically
-from common.checkpoint import (
+from fedfin.client.bank_data import load_bank_splits
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.client.bank_worker import encoder_sha256
+from fedfin.client.calibration import PlattCalibration, fit_platt, fold_calibration
+from fedfin.common.atomic import write_atomically, write_json_atomically
+from fedfin.common.checkpoint import (
     SOURCE_HEAD_FILE,
     EncoderCheckpoint,
     load_encoder_checkpoint,
     load_source_head,
 )
-from common.errors import CheckpointError, ConfigError
-from common.metrics import (
+from fedfin.common.errors import CheckpointError, ConfigError
+from fedfin.common.metrics import (
     ReliabilityBin,
     credit_metrics,
     paired_auc_difference,
     reliability_table,
 )
-from common.model import CreditModel
-from common.schema import EncodedTable
-from common.tensors import predict_logits
+from fedfin.common.model import CreditModel
+from fedfin.common.schema import EncodedTable
+from fedfin.common.tensors import predict_logits
 
 SERVING_FILE = "serving.json"
 RELIABILITY_PLOT = "reliability.png"

@@ -12,8 +12,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.atomic import write_atomically
-from common.errors import ConfigError
+from fedfin.common.atomic import write_atomically
+from fedfin.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

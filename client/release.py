@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from common.accounting import SAMPLING_METHOD, DpEvent, epsilon_spent
-from common.ledger import NEIGHBOURING_RELATION, UNIT_OF_PRIVACY
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.common.accounting import SAMPLING_METHOD, DpEvent, epsilon_spent
+from fedfin.common.ledger import NEIGHBOURING_RELATION, UNIT_OF_PRIVACY
 
 _VERSIONED = ("fedfin", "opacus", "torch", "flwr", "numpy")
 

@@ -20,7 +20,7 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable
 
-from common.protocol import (
+from fedfin.common.protocol import (
     ALLOWED_EVAL_METRICS,
     ALLOWED_REPLY_RECORDS,
     ALLOWED_STATUS_KEYS,

@@ -13,30 +13,28 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
+from fedfin.common.logs import log_like_flower
 
 log = logging.getLogger("fedfin.runner")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _warm_up() -> None:
     """Import what every task needs once, at start, not per message (the point of a runner)."""
-    for module in ("torch", "opacus", "client.client_app", "client.bank_worker"):
+    for module in ("torch", "opacus", "fedfin.client.client_app", "fedfin.client.bank_worker"):
         importlib.import_module(module)
 
 
 def _run_bank_runner(args: argparse.Namespace) -> int:
-    from client.clientappio import RuntimeApi, check_flower_version, read_secret
-    from client.runner_config import check_runner_files, load_runner_config
+    from fedfin.client.clientappio import RuntimeApi, check_flower_version, read_secret
+    from fedfin.client.runner_config import check_runner_files, load_runner_config
 
     config = load_runner_config(args.config)
     check_runner_files(config)
     check_flower_version()
     secret = read_secret(config.secret_file) if config.secret_file else None
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per poll
-    if args.verbose:
-        log.setLevel(logging.DEBUG)
+    # One log, Flower's format, every line stamped: the runner is a long-lived service.
+    log_like_flower(logging.DEBUG if args.verbose else logging.INFO, timestamps=True)
 
     stop = threading.Event()
 
@@ -47,8 +45,8 @@ def _run_bank_runner(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     _warm_up()
-    from client.bank_runner import BankRunner
-    from client.client_app import build_client_app
+    from fedfin.client.bank_runner import BankRunner
+    from fedfin.client.client_app import build_client_app
 
     bank = config.bank
     app = build_client_app(
@@ -72,7 +70,7 @@ def _run_bank_runner(args: argparse.Namespace) -> int:
 
 
 def _run_app_hash(args: argparse.Namespace) -> int:
-    from client.clientappio import fab_bytes, fab_identity
+    from fedfin.client.clientappio import fab_bytes, fab_identity
 
     identity = fab_identity(fab_bytes(args.fab))
     if not identity.app:

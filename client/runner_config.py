@@ -28,10 +28,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from client.bank_settings import BankSettings, settings_from_node_config
-from client.clientappio import AppIdentity
-from common.config import PrivacyPolicy
-from common.errors import ConfigError
+from fedfin.client.bank_settings import BankSettings, settings_from_node_config
+from fedfin.client.clientappio import AppIdentity
+from fedfin.common.config import PrivacyPolicy
+from fedfin.common.errors import ConfigError
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 _RUNNER_KEYS = frozenset(
@@ -47,7 +47,7 @@ _RUNNER_KEYS = frozenset(
 _ALLOW_KEYS = frozenset({"app", "version", "fab-sha256"})
 _BANK_PATH_KEYS = ("data-path", "state-dir")
 _BANK_KEYS = frozenset(
-    {"bank-name", "test-fraction", "validation-fraction", "seed", "noise-seed", *_BANK_PATH_KEYS}
+    {"bank-name", "test-fraction", "validation-fraction", "seed", *_BANK_PATH_KEYS}
     | {f.name.replace("_", "-") for f in fields(PrivacyPolicy)}
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")

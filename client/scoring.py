@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from common.errors import CheckpointError, DataError
-from common.model import CreditModel
-from common.schema import _Z_CLIP, EncodedTable, FeatureSchema, _as_numeric
+from fedfin.common.errors import CheckpointError, DataError
+from fedfin.common.model import CreditModel
+from fedfin.common.schema import _Z_CLIP, EncodedTable, FeatureSchema, _as_numeric
 
 BATCH_ROWS = 65_536
 PROBABILITY_COLUMN = "default_probability"
@@ -202,7 +202,7 @@ class Scorer:
     def load(cls, state_dir: Path, encoder_dir: Path) -> "Scorer":
         """The model the bank chose to serve for this global encoder, calibrated; errors name
         the file. Without a choice for it: the encoder with the bank's private head, as is."""
-        from client.model_choice import served_model
+        from fedfin.client.model_choice import served_model
 
         served = served_model(state_dir, encoder_dir)
         return cls(served.checkpoint.schema, served.model, served.card)

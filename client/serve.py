@@ -33,8 +33,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
-from client.explain import SPACE, Explainer
-from client.scoring import (
+from fedfin.client.explain import SPACE, Explainer
+from fedfin.client.scoring import (
     DECISION_COLUMN,
     PROBABILITY_COLUMN,
     TAKEN,
@@ -42,7 +42,7 @@ from client.scoring import (
     Scorer,
     application_column_problems,
 )
-from common.errors import DataError
+from fedfin.common.errors import DataError
 
 MAX_BATCH = 1000
 ID_FIELD = "id"

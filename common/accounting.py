@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
 
 if TYPE_CHECKING:
     from opacus.accountants.accountant import IAccountant

@@ -31,10 +31,10 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from common.accounting import DpEvent, merged_history
-from common.errors import ConfigError
-from common.ledger import GENESIS_HASH, LEDGER_FILE, PrivacyLedger, events_of
-from common.ledger_anchors import LedgerAnchor
+from fedfin.common.accounting import DpEvent, merged_history
+from fedfin.common.errors import ConfigError
+from fedfin.common.ledger import GENESIS_HASH, LEDGER_FILE, PrivacyLedger, events_of
+from fedfin.common.ledger_anchors import LedgerAnchor
 
 _MAX_CHECKPOINTS = 50  # entries re-checked per ledger (always including the last)
 _CHECKPOINT_DISCRETIZATION = 1e-3  # 5x faster PLD; within 0.2% of the fine grid

@@ -20,7 +20,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from common.errors import DataError
+from fedfin.common.errors import DataError
 
 MOSTLY_NUMERIC = 0.9
 MISSING_WORDS = frozenset(

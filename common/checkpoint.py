@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import write_atomically, write_json_atomically
-from common.config import ModelConfig
-from common.errors import CheckpointError
-from common.model import CreditModel, build_model
-from common.schema import FeatureSchema
-from common.shared_weights import load_shared_arrays
+from fedfin.common.atomic import write_atomically, write_json_atomically
+from fedfin.common.config import ModelConfig
+from fedfin.common.errors import CheckpointError
+from fedfin.common.model import CreditModel, build_model
+from fedfin.common.schema import FeatureSchema
+from fedfin.common.shared_weights import load_shared_arrays
 
 ENCODER_FILE = "encoder.npz"
 SCHEMA_FILE = "schema.json"

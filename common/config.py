@@ -7,7 +7,7 @@ ask for (`TrainPlan`): the bank's policy always wins.
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
 
 FineTuneMode = Literal["full", "fedrep"]
 FINE_TUNE_MODES: tuple[FineTuneMode, ...] = ("full", "fedrep")

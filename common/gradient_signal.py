@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from common.model import CreditModel
-from common.schema import EncodedTable
+from fedfin.common.model import CreditModel
+from fedfin.common.schema import EncodedTable
 
 _CHUNK = 512  # rows per vectorised per-example gradient call (bounded memory)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.accounting import DpEvent
-from common.errors import LedgerError
+from fedfin.common.accounting import DpEvent
+from fedfin.common.errors import LedgerError
 
 LEDGER_FILE = "ledger.jsonl"
 LOCK_FILE = "ledger.lock"  # held from approving a round to recording its charge

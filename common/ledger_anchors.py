@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError, LedgerError
+from fedfin.common.errors import ConfigError, LedgerError
 
 ANCHORS_FILE = "ledger-anchors.jsonl"
 

@@ -5,7 +5,7 @@ Read from the package's own file; nothing is fetched from the network.
 
 import pandas as pd
 
-from common.errors import DataError
+from fedfin.common.errors import DataError
 
 LABEL = "Class"
 POSITIVE_LABEL = "bad"

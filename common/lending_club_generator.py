@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr, ndtri
 
-from common.errors import ConfigError
-from common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN, load_lending_club
+from fedfin.common.errors import ConfigError
+from fedfin.common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN, load_lending_club
 
 NEGATIVE_LABEL = "good"
 Part = Literal["train", "test"]

@@ -7,8 +7,8 @@ clipping cannot account for. LayerNorm normalises each example on its own.
 import torch
 from torch import nn
 
-from common.config import ModelConfig
-from common.schema import FeatureSchema
+from fedfin.common.config import ModelConfig
+from fedfin.common.schema import FeatureSchema
 
 
 def embedding_dim(cardinality: int, max_dim: int) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binom
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
 
 CONFIDENCE = 0.95
 _EPSILON_CAP = 50.0  # beyond this, e^ε/(1+e^ε) is 1 in floating point

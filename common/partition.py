@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.cells import category_text
-from common.config import SplitConfig
-from common.errors import ConfigError, DataError
+from fedfin.common.cells import category_text
+from fedfin.common.config import SplitConfig
+from fedfin.common.errors import ConfigError, DataError
 
 MISSING_GROUP = "<missing>"
 MIN_BANK_GROUP_ROWS = 50  # a group that starts a bank: at least this many rows ...

@@ -26,9 +26,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.accounting import calibrate_noise_multiplier
-from common.errors import ConfigError
-from common.gradient_signal import GradientSignal
+from fedfin.common.accounting import calibrate_noise_multiplier
+from fedfin.common.errors import ConfigError
+from fedfin.common.gradient_signal import GradientSignal
 
 BATCH_CANDIDATES = (64, 128, 256, 512, 1024, 2048, 4096)
 ROUND_CANDIDATES = (3, 5, 10, 20)

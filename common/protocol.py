@@ -16,9 +16,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from common.config import ModelConfig, TrainPlanConfig
-from common.errors import ConfigError
-from common.schema import FeatureSchema
+from fedfin.common.config import ModelConfig, TrainPlanConfig
+from fedfin.common.errors import ConfigError
+from fedfin.common.schema import FeatureSchema
 
 ARRAYS = "arrays"
 SOURCE_HEAD = "source-head"

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cells import MISSING_WORDS, category_text, clean_column, is_text, numbers_in_text
-from common.errors import CheckpointError, DataError
+from fedfin.common.cells import MISSING_WORDS, category_text, clean_column, is_text, numbers_in_text
+from fedfin.common.errors import CheckpointError, DataError
+from fedfin.common.identifiers import identifier_reason
 
 SCHEMA_VERSION = 1
 UNKNOWN = "<unknown>"  # index 0 of every vocabulary: unseen and missing categories
@@ -77,6 +78,8 @@ class FeatureSchema:
     )
     version: int = SCHEMA_VERSION
     ignored_columns: tuple[str, ...] = ()  # known non-features, e.g. the bank's region
+    # Row identifiers found in the public pool (common.identifiers): column -> why.
+    identifier_columns: tuple[tuple[str, str], ...] = ()
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -106,10 +109,15 @@ class FeatureSchema:
         positive, negative = _binary_label_values(frame[label], label, positive_label, source)
         numeric: list[NumericFeature] = []
         categorical: list[CategoricalFeature] = []
+        identifiers: list[tuple[str, str]] = []
         for name in frame.columns:
             if name == label or name in exclude:
                 continue
             column = clean_column(frame[name], str(name), source)
+            reason = identifier_reason(str(name), column)
+            if reason is not None:
+                identifiers.append((str(name), reason))
+                continue
             if column.isna().all():
                 raise DataError(f"{source}: column '{name}' is entirely missing")
             if _is_numeric(column):
@@ -117,7 +125,10 @@ class FeatureSchema:
             else:
                 categorical.append(_fit_categorical(name, column))
         if not numeric and not categorical:
-            raise DataError(f"{source}: no feature columns besides label '{label}'")
+            raise DataError(
+                f"{source}: no feature columns besides label '{label}'"
+                + (f" and row identifier '{identifiers[0][0]}'" if identifiers else "")
+            )
         return cls(
             label=label,
             positive_label=positive,
@@ -125,7 +136,15 @@ class FeatureSchema:
             numeric=tuple(numeric),
             categorical=tuple(categorical),
             ignored_columns=tuple(exclude),
+            identifier_columns=tuple(identifiers),
         )
+
+    def identifier_notes(self) -> list[str]:
+        """One line per row identifier left out of the features, for the user to see."""
+        return [
+            f"column '{name}' is not used as a feature: {reason} (a row identifier)"
+            for name, reason in self.identifier_columns
+        ]
 
     # --- using ------------------------------------------------------------------
 
@@ -146,7 +165,13 @@ class FeatureSchema:
             raise DataError(f"{source}: table has no rows")
         if strict_columns:
             known = {*self.feature_names, self.label, *self.ignored_columns}
-            extra = [str(c) for c in frame.columns if str(c) not in known]
+            known |= {name for name, _ in self.identifier_columns}
+            extra = [
+                str(c)
+                for c in frame.columns
+                if str(c) not in known
+                and not _is_identifier(str(c), frame[c], source)
+            ]
             if extra:
                 raise DataError(
                     f"{source}: column '{extra[0]}' is not in the encoder's schema; "
@@ -222,10 +247,13 @@ class FeatureSchema:
     # --- persistence ------------------------------------------------------------
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        fields = asdict(self)
+        if not self.identifier_columns:  # schemas without identifiers keep their fingerprint
+            del fields["identifier_columns"]
+        return json.dumps(fields, indent=2, sort_keys=True)
 
     def save(self, path: Path) -> None:
-        from common.atomic import write_atomically
+        from fedfin.common.atomic import write_atomically
 
         write_atomically(path, lambda tmp: tmp.write_text(self.to_json() + "\n"))
 
@@ -246,6 +274,9 @@ class FeatureSchema:
             missing_policy=raw["missing_policy"],
             version=raw["version"],
             ignored_columns=tuple(raw.get("ignored_columns", ())),
+            identifier_columns=tuple(
+                (str(name), str(reason)) for name, reason in raw.get("identifier_columns", ())
+            ),
         )
 
     @classmethod
@@ -284,6 +315,14 @@ def _binary_label_values(
         )
     negative = values[0] if values[1] == positive else values[1]
     return positive, negative
+
+
+def _is_identifier(name: str, column: pd.Series, source: str) -> bool:
+    """A bank's own extra column that is a row identifier may stay in its table."""
+    try:
+        return identifier_reason(name, clean_column(column, name, source)) is not None
+    except DataError:  # mixed numbers and words: not an identifier, so an unknown column
+        return False
 
 
 def _is_numeric(column: pd.Series) -> bool:

@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from common.errors import CheckpointError
+from fedfin.common.errors import CheckpointError
 
 SHARED_MODULE = "encoder"
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pandas as pd
 
-from common import lending_club, synthetic
-from common.config import SplitConfig
-from common.errors import ConfigError, DataError
-from common.partition import FederatedSplit, GroupPartitioner, IidPartitioner, Partitioner
-from common.tables import read_table
+from fedfin.common import lending_club, synthetic
+from fedfin.common.config import SplitConfig
+from fedfin.common.errors import ConfigError, DataError
+from fedfin.common.partition import FederatedSplit, GroupPartitioner, IidPartitioner, Partitioner
+from fedfin.common.tables import read_table
 
 BUILT_IN = ("lending-club", "synthetic")
 

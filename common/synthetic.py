@@ -8,7 +8,7 @@ The label follows a logistic model of the features, so there is signal to learn.
 import numpy as np
 import pandas as pd
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
 
 LABEL = "default"
 GROUP_COLUMN = "bank"

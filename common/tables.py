@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cells import clean_column
-from common.errors import DataError
+from fedfin.common.cells import clean_column
+from fedfin.common.errors import DataError
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.schema import EncodedTable
+from fedfin.common.schema import EncodedTable
 
 
 def as_dataset(table: EncodedTable) -> TensorDataset:

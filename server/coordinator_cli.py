@@ -10,14 +10,14 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_atomically
-from common.errors import ConfigError
+from fedfin.common.atomic import write_atomically
+from fedfin.common.errors import ConfigError
 
 SECRET_BYTES = 32
 
 
 def _run_proxy_config(args: argparse.Namespace) -> int:
-    from server.proxy_config import proxy_config_for, write_nginx_config
+    from fedfin.server.proxy_config import proxy_config_for, write_nginx_config
 
     config = proxy_config_for(
         args.certs, args.listen, args.superlink_port, args.prefix, args.max_body_mib

@@ -24,20 +24,24 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from common.atomic import write_json_atomically
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint, save_encoder_checkpoint
-from common.config import FederationConfig
-from common.ledger_anchors import ANCHORS_FILE
-from common.protocol import METRICS, NUM_EXAMPLES, SOURCE_HEAD, RoundInstructions
-from common.shared_weights import from_array_record, to_array_record
-from server.round_summary import (
+from fedfin.common.atomic import write_json_atomically
+from fedfin.common.checkpoint import (
+    EncoderCheckpoint,
+    load_encoder_checkpoint,
+    save_encoder_checkpoint,
+)
+from fedfin.common.config import FederationConfig
+from fedfin.common.ledger_anchors import ANCHORS_FILE
+from fedfin.common.protocol import METRICS, NUM_EXAMPLES, SOURCE_HEAD, RoundInstructions
+from fedfin.common.shared_weights import from_array_record, to_array_record
+from fedfin.server.round_summary import (
     RoundSummary,
     note_evaluate_reply,
     note_missing_replies,
     note_train_reply,
 )
-from server.server_state import load_state, new_state, restore_strategy, save_state
-from server.strategy import WEIGHT_KEY, build_strategy
+from fedfin.server.server_state import load_state, new_state, restore_strategy, save_state
+from fedfin.server.strategy import WEIGHT_KEY, build_strategy
 
 log = logging.getLogger("fedfin.server")
 ROUNDS_DIR = "global"

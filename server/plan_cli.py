@@ -10,9 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_json_atomically
-from common.errors import ConfigError
-from common.planning import (
+from fedfin.common.atomic import write_json_atomically
+from fedfin.common.errors import ConfigError
+from fedfin.common.planning import (
     KEEP_PUBLIC_BELOW,
     NOISE_TOLERANCE,
     ROUND_CANDIDATES,
@@ -175,8 +175,8 @@ def add_plan_command(commands: "argparse._SubParsersAction[Any]") -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from common.sources import load_source
-    from server.planner import make_plan, public_gradient_signal
+    from fedfin.common.sources import load_source
+    from fedfin.server.planner import make_plan, public_gradient_signal
 
     if args.max_grad_norm <= 0 or not math.isfinite(args.max_grad_norm):
         raise ConfigError(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
@@ -185,15 +185,15 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json is not None and args.json.exists() and args.json.is_dir():
         raise ConfigError(f"--json {args.json}: is a directory")
     if args.public_data == "lending-club":
-        from common import lending_club
-        from common.config import SplitConfig
+        from fedfin.common import lending_club
+        from fedfin.common.config import SplitConfig
 
         source = load_source("lending-club", seed=args.seed)
         public = source.split(SplitConfig(num_banks=args.split_banks, seed=args.seed)).public
         group_by = args.group_by or source.partition_by or lending_club.STATE_COLUMN
         name = "built-in public pool"
     else:
-        from common.tables import read_table
+        from fedfin.common.tables import read_table
 
         public = read_table(Path(args.public_data))
         group_by = args.group_by

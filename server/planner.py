@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.checkpoint import load_encoder_checkpoint
-from common.errors import CheckpointError, ConfigError
-from common.gradient_signal import GradientSignal, measure_gradient_signal
-from common.planning import ROUND_CANDIDATES, PlanQuestion, Recommendation, recommend
-from server.server_app import load_source_head
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.errors import CheckpointError, ConfigError
+from fedfin.common.gradient_signal import GradientSignal, measure_gradient_signal
+from fedfin.common.planning import ROUND_CANDIDATES, PlanQuestion, Recommendation, recommend
+from fedfin.server.server_app import load_source_head
 
 _MIN_GROUP_ROWS = 20  # smaller groups are pooled into one: their means are mostly noise
 

@@ -18,22 +18,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.atomic import replace_directory, write_atomically, write_json_atomically
-from common.checkpoint import (
+from fedfin.common.atomic import replace_directory, write_atomically, write_json_atomically
+from fedfin.common.checkpoint import (
     ENCODER_FILE,
     MODEL_FILE,
     SCHEMA_FILE,
     SOURCE_HEAD_FILE,
     save_encoder_checkpoint,
 )
-from common.config import PretrainConfig
-from common.errors import ConfigError, DataError
-from common.metrics import credit_metrics
-from common.model import CreditModel, build_model
-from common.partition import split_train_test
-from common.schema import FeatureSchema
-from common.shared_weights import shared_arrays
-from common.tensors import as_dataset, predict_proba
+from fedfin.common.config import PretrainConfig
+from fedfin.common.errors import ConfigError, DataError
+from fedfin.common.metrics import credit_metrics
+from fedfin.common.model import CreditModel, build_model
+from fedfin.common.partition import split_train_test
+from fedfin.common.schema import FeatureSchema
+from fedfin.common.shared_weights import shared_arrays
+from fedfin.common.tensors import as_dataset, predict_proba
 
 METRICS_FILE = "pretrain_metrics.json"
 CHECKPOINT_FILES = (ENCODER_FILE, SCHEMA_FILE, MODEL_FILE, SOURCE_HEAD_FILE, METRICS_FILE)

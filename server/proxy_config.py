@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
 
 # The Fleet calls a SuperNode with a registered key makes (flwr/supernode/fleet_http_client.py).
 # Self-registration (/v1/fleet/register-node, /v1/fleet/unregister-node) is left out: with

@@ -20,8 +20,8 @@ from typing import Any
 
 from flwr.app import Message
 
-from common.ledger_anchors import LedgerAnchor, append_anchors
-from common.protocol import (
+from fedfin.common.ledger_anchors import LedgerAnchor, append_anchors
+from fedfin.common.protocol import (
     ARRAYS,
     BANK_KEY,
     DP_EVAL_METRICS,

@@ -13,11 +13,13 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.checkpoint import load_encoder_checkpoint
-from common.checkpoint import load_source_head as load_source_head  # its home used to be here
-from common.config import FederationConfig, TrainPlanConfig
-from common.errors import ConfigError
-from server.federation import run_federation
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.checkpoint import (
+    load_source_head as load_source_head,  # its home used to be here
+)
+from fedfin.common.config import FederationConfig, TrainPlanConfig
+from fedfin.common.errors import ConfigError
+from fedfin.server.federation import run_federation
 
 log = logging.getLogger("fedfin.server")
 RoundCallback = Callable[[dict[str, Any]], None]

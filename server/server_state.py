@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import write_atomically, write_json_atomically
-from common.errors import CheckpointError, ConfigError
+from fedfin.common.atomic import write_atomically, write_json_atomically
+from fedfin.common.errors import CheckpointError, ConfigError
 
 STATE_FILE = "server-state.json"
 STRATEGY_FILE = "server-state.npz"

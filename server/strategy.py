@@ -7,7 +7,7 @@ released `num-examples`, or 1 for every bank when any bank withholds it.
 
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg
 
-from common.config import FederationConfig
+from fedfin.common.config import FederationConfig
 
 WEIGHT_KEY = "aggregation-weight"
 

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_atomically
-from common.audit import BankAudit
+from fedfin.common.atomic import write_atomically
+from fedfin.common.audit import BankAudit
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -9,14 +9,14 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from client.bank_settings import BankSettings
-from client.bank_worker import evaluate_round, train_round
-from common.checkpoint import EncoderCheckpoint, load_source_head
-from common.config import TrainPlanConfig
-from common.errors import PrivacyBudgetError
-from common.model import build_model
-from common.protocol import RoundInstructions
-from common.shared_weights import shared_arrays
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_worker import evaluate_round, train_round
+from fedfin.common.checkpoint import EncoderCheckpoint, load_source_head
+from fedfin.common.config import TrainPlanConfig
+from fedfin.common.errors import PrivacyBudgetError
+from fedfin.common.model import build_model
+from fedfin.common.protocol import RoundInstructions
+from fedfin.common.shared_weights import shared_arrays
 
 
 def train_alone(

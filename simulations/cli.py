@@ -14,15 +14,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from client.runner_cli import add_runner_commands
-from common.config import FINE_TUNE_MODES, STRATEGY_NAMES
-from common.errors import ConfigError, FedfinError
-from server.coordinator_cli import add_coordinator_commands
-from server.plan_cli import add_plan_command
-from simulations.cli_bank import add_bank_commands
+from fedfin.client.runner_cli import add_runner_commands
+from fedfin.common.config import FINE_TUNE_MODES, STRATEGY_NAMES
+from fedfin.common.errors import ConfigError, FedfinError
+from fedfin.common.logs import log_like_flower
+from fedfin.server.coordinator_cli import add_coordinator_commands
+from fedfin.server.plan_cli import add_plan_command
+from fedfin.simulations.cli_bank import add_bank_commands
 
 if TYPE_CHECKING:
-    from common.sources import DataSource
+    from fedfin.common.sources import DataSource
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -129,7 +130,7 @@ def _delta(flag: str) -> Callable[[str], float]:
 
 def _source_from(args: argparse.Namespace) -> "DataSource":
     """The data source the --data flags describe."""
-    from common.sources import load_source
+    from fedfin.common.sources import load_source
 
     return load_source(
         args.data,
@@ -447,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_certs(args: argparse.Namespace) -> int:
-    from server.certificates import create_certificates
+    from fedfin.server.certificates import create_certificates
 
     paths = create_certificates(args.out, args.host, args.days)
     print(f"CA certificate (give to banks): {paths.ca_cert}")
@@ -457,7 +458,7 @@ def _run_certs(args: argparse.Namespace) -> int:
 
 
 def _run_keys(args: argparse.Namespace) -> int:
-    from client.node_keys import create_node_keys
+    from fedfin.client.node_keys import create_node_keys
 
     paths = create_node_keys(args.out, args.name)
     print(f"private key (stays on this SuperNode): {paths.private_key}")
@@ -466,15 +467,15 @@ def _run_keys(args: argparse.Namespace) -> int:
 
 
 def _run_check_connection(args: argparse.Namespace) -> int:
-    from client.connection_check import check_superlink_connection
+    from fedfin.client.connection_check import check_superlink_connection
 
     print(check_superlink_connection(args.superlink, args.root_certificates))
     return 0
 
 
 def _run_split(args: argparse.Namespace) -> int:
-    from common.atomic import write_json_atomically
-    from common.config import SplitConfig
+    from fedfin.common.atomic import write_json_atomically
+    from fedfin.common.config import SplitConfig
 
     source = _source_from(args)
     split = source.split(SplitConfig(num_banks=args.banks, seed=args.seed))
@@ -503,13 +504,13 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _run_empirical_audit(args: argparse.Namespace) -> int:
-    from client.empirical_audit import (
+    from fedfin.client.empirical_audit import (
         EmpiricalAuditConfig,
         empirical_audit_table,
         run_empirical_audit,
         write_empirical_plot,
     )
-    from common.errors import PrivacyBudgetError
+    from fedfin.common.errors import PrivacyBudgetError
 
     if args.data is None or args.encoder is None:
         raise ConfigError("--empirical needs --data and --encoder")
@@ -530,7 +531,7 @@ def _run_empirical_audit(args: argparse.Namespace) -> int:
     audit = run_empirical_audit(args.data, args.encoder, config)
     print(empirical_audit_table(audit))
     if args.json:
-        from common.atomic import write_atomically
+        from fedfin.common.atomic import write_atomically
 
         text = json.dumps(audit.as_dict(), indent=2) + "\n"
         write_atomically(args.json, lambda tmp: tmp.write_text(text))
@@ -554,10 +555,10 @@ def _run_audit(args: argparse.Namespace) -> int:
         return _run_empirical_audit(args)
     if args.path is None:
         raise ConfigError("audit needs PATH (a state or run dir), or --empirical")
-    from common.audit import audit_path, find_state_dirs, unaudited_anchored_banks
-    from common.errors import LedgerError, PrivacyBudgetError
-    from common.ledger_anchors import read_anchors
-    from simulations.audit_report import (
+    from fedfin.common.audit import audit_path, find_state_dirs, unaudited_anchored_banks
+    from fedfin.common.errors import LedgerError, PrivacyBudgetError
+    from fedfin.common.ledger_anchors import read_anchors
+    from fedfin.simulations.audit_report import (
         audit_status,
         audit_table,
         write_audit_json,
@@ -633,9 +634,9 @@ def _audit_outputs(args: argparse.Namespace, state_dirs: list[Path]) -> tuple[Pa
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
-    from simulations.report_table import bank_table
-    from simulations.simulate import SimulationRequest, simulate
+    from fedfin.common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
+    from fedfin.simulations.report_table import bank_table
+    from fedfin.simulations.simulate import SimulationRequest, simulate
 
     source = _source_from(args)
     request = SimulationRequest(
@@ -671,7 +672,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     print(f"report: {args.out / 'report.json'}")
     if args.no_audit:
         return 0
-    from common.ledger_anchors import ANCHORS_FILE
+    from fedfin.common.ledger_anchors import ANCHORS_FILE
 
     anchors = args.out / ANCHORS_FILE  # the server's record of every reply's ledger head
     print("\nprivacy audit of every bank's ledger against the server's anchors (fedfin audit):")
@@ -733,8 +734,8 @@ class StartupProgress:
 def _run_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from common.config import PretrainConfig, SplitConfig
-    from server.pretrain import check_encoder_out, fit_public_schema, pretrain
+    from fedfin.common.config import PretrainConfig, SplitConfig
+    from fedfin.server.pretrain import check_encoder_out, fit_public_schema, pretrain
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
@@ -754,7 +755,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     split = source.split(split_config)
     print(split.summary())
     # The public pool's problems (a column missing in all its groups) named as the pool's.
-    fit_public_schema(
+    schema = fit_public_schema(
         split.public,
         source.label,
         source.positive_label,
@@ -762,6 +763,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         source.excluded_columns,
         split.public_source(source.name),
     )
+    for note in schema.identifier_notes():
+        print(note)
     result = pretrain(
         split.public,
         source.label,
@@ -787,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        _log_like_flower(getattr(args, "verbose", False))
+        log_like_flower(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
         return _run(args)
     finally:
         sys.stdout.flush()
@@ -843,59 +846,6 @@ class _ClosedPipeIsQuiet:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
-
-
-_FLOWER_COLOURS = {
-    "DEBUG": "\033[94m",
-    "INFO": "\033[92m",
-    "WARNING": "\033[93m",
-    "ERROR": "\033[91m",
-    "CRITICAL": "\033[95m",
-}
-
-
-class _FlowerStyle(logging.Formatter):
-    """fedfin's log lines in Flower's console format (`INFO :      message`), so the two
-    interleave as one log; coloured, as Flower's are, only on a terminal."""
-
-    def __init__(self, coloured: bool) -> None:
-        super().__init__()
-        self.coloured = coloured
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = record.levelname
-        colour, reset = (_FLOWER_COLOURS.get(level, ""), "\033[0m") if self.coloured else ("", "")
-        separator = " " * (8 - len(level))
-        formatter = logging.Formatter(f"{colour}%(levelname)s {reset}: {separator} %(message)s")
-        return formatter.format(record)
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a record comes, not when the handler was made."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
-        pass
-
-
-def _log_like_flower(verbose: bool) -> None:
-    """One handler for fedfin's loggers, in Flower's format: warnings, or all with --verbose."""
-    logger = logging.getLogger("fedfin")
-    if verbose:
-        logger.setLevel(logging.INFO)
-    level = logging.INFO if verbose else logging.WARNING
-    for handler in logger.handlers:
-        if isinstance(handler.formatter, _FlowerStyle):
-            handler.setLevel(level)
-            return
-    handler = _StderrHandler()
-    handler.setLevel(level)
-    handler.setFormatter(_FlowerStyle(coloured=sys.stderr.isatty()))
-    logger.addHandler(handler)
 
 
 if __name__ == "__main__":

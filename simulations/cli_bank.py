@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError
+from fedfin.common.errors import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from client.scoring import RowNotes
+    from fedfin.client.scoring import RowNotes
 
 # Heavy imports (pandas, torch, captum, uvicorn) wait until a command runs: `fedfin --help`
 # stays fast.
@@ -238,7 +238,7 @@ def _set_threads(threads: int) -> None:
 
 
 def _check_table_path(flag: str, path: Path) -> None:
-    from common.tables import TABLE_SUFFIXES
+    from fedfin.common.tables import TABLE_SUFFIXES
 
     if path.suffix.lower() not in TABLE_SUFFIXES:
         raise ConfigError(f"{flag} {path}: use a .csv or .parquet file name")
@@ -246,7 +246,7 @@ def _check_table_path(flag: str, path: Path) -> None:
 
 def write_table(path: Path, frame: "pd.DataFrame") -> None:
     """CSV or Parquet by suffix, written atomically."""
-    from common.atomic import write_atomically
+    from fedfin.common.atomic import write_atomically
 
     if path.suffix.lower() == ".csv":
         write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False))
@@ -255,9 +255,9 @@ def write_table(path: Path, frame: "pd.DataFrame") -> None:
 
 
 def run_choose_model(args: argparse.Namespace) -> int:
-    from client.bank_settings import BankSettings
-    from client.model_choice import choose_served_model, model_card_text, served_model
-    from common.config import PrivacyPolicy
+    from fedfin.client.bank_settings import BankSettings
+    from fedfin.client.model_choice import choose_served_model, model_card_text, served_model
+    from fedfin.common.config import PrivacyPolicy
 
     _set_threads(args.threads)
     settings = BankSettings(
@@ -277,16 +277,16 @@ def run_choose_model(args: argparse.Namespace) -> int:
 def run_score(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from client.model_choice import model_card_text, reliability_text, write_reliability_plot
-    from client.scoring import (
+    from fedfin.client.model_choice import model_card_text, reliability_text, write_reliability_plot
+    from fedfin.client.scoring import (
         IMPUTED_COLUMN,
         REASONS_COLUMN,
         UNSEEN_COLUMN,
         Scorer,
         check_application_columns,
     )
-    from common.metrics import reliability_table
-    from common.tables import read_table
+    from fedfin.common.metrics import reliability_table
+    from fedfin.common.tables import read_table
 
     _check_table_path("--out", args.out)
     if args.out.resolve() == args.data.resolve():
@@ -309,7 +309,7 @@ def run_score(args: argparse.Namespace) -> int:
         scored[DECISION_COLUMN] = np.where(declined, "decline", "approve")
         summary += f"; {int(declined.sum())} at or above {args.threshold:g} (decline)"
     if args.reasons:
-        from client.explain import Explainer
+        from fedfin.client.explain import Explainer
 
         codes = Explainer(scorer).reason_codes(encoded.numeric, encoded.categorical, args.reasons)
         scored[REASONS_COLUMN] = [";".join(row) for row in codes]
@@ -364,7 +364,7 @@ def _rows_text(rows: list[int], total: int) -> str:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from client.explain import (
+    from fedfin.client.explain import (
         Explainer,
         explanation_frame,
         importance_frame,
@@ -373,8 +373,8 @@ def run_explain(args: argparse.Namespace) -> int:
         write_explanation_chart,
         write_importance_chart,
     )
-    from client.scoring import Scorer
-    from common.tables import read_table
+    from fedfin.client.scoring import Scorer
+    from fedfin.common.tables import read_table
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out}: exists and is not a directory")
@@ -404,10 +404,10 @@ def run_explain(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from client.explain import Explainer
-    from client.model_choice import model_card_text
-    from client.scoring import Scorer
-    from client.serve import RequestLog, create_app
+    from fedfin.client.explain import Explainer
+    from fedfin.client.model_choice import model_card_text
+    from fedfin.client.scoring import Scorer
+    from fedfin.client.serve import RequestLog, create_app
 
     _set_threads(args.threads)
     scorer = Scorer.load(args.state_dir, args.encoder)

@@ -26,17 +26,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.bank_data import load_bank_data
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from client.bank_worker import BankReply, bank_model, evaluate_round, train_round
-from common.checkpoint import EncoderCheckpoint
-from common.config import TrainPlanConfig
-from common.errors import PrivacyBudgetError
-from common.model import build_model
-from common.protocol import NUM_EXAMPLES, RoundInstructions
-from common.shared_weights import shared_arrays
-from common.tensors import as_dataset
+from fedfin.client.bank_data import load_bank_data
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.client.bank_worker import BankReply, bank_model, evaluate_round, train_round
+from fedfin.common.checkpoint import EncoderCheckpoint
+from fedfin.common.config import TrainPlanConfig
+from fedfin.common.errors import PrivacyBudgetError
+from fedfin.common.model import build_model
+from fedfin.common.protocol import NUM_EXAMPLES, RoundInstructions
+from fedfin.common.shared_weights import shared_arrays
+from fedfin.common.tensors import as_dataset
 
 Sharing = Literal["encoder", "model", "none"]
 SHARINGS: tuple[Sharing, ...] = ("encoder", "model", "none")

@@ -34,23 +34,23 @@ from typing import Any
 
 from flwr.clientapp.typing import Mod
 
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from client.model_choice import choose_served_model
-from common.atomic import write_json_atomically
-from common.checkpoint import load_encoder_checkpoint, load_source_head
-from common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
-from common.errors import ConfigError, FedfinError, PrivacyBudgetError
-from common.ledger import PrivacyLedger
-from common.metrics import credit_metrics
-from common.partition import FederatedSplit
-from common.schema import FeatureSchema
-from common.sources import DataSource
-from common.tensors import predict_proba
-from server.federation import FINAL_DIR
-from server.pretrain import SOURCE_HEAD_FILE, fit_public_schema, pretrain
-from server.server_app import build_server_app
-from simulations.simulated_banks import BANKS_DIR, SimulatedBanks, lay_out_banks
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.client.model_choice import choose_served_model
+from fedfin.common.atomic import write_json_atomically
+from fedfin.common.checkpoint import load_encoder_checkpoint, load_source_head
+from fedfin.common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
+from fedfin.common.errors import ConfigError, FedfinError, PrivacyBudgetError
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.metrics import credit_metrics
+from fedfin.common.partition import FederatedSplit
+from fedfin.common.schema import FeatureSchema
+from fedfin.common.sources import DataSource
+from fedfin.common.tensors import predict_proba
+from fedfin.server.federation import FINAL_DIR
+from fedfin.server.pretrain import SOURCE_HEAD_FILE, fit_public_schema, pretrain
+from fedfin.server.server_app import build_server_app
+from fedfin.simulations.simulated_banks import BANKS_DIR, SimulatedBanks, lay_out_banks
 
 MANIFEST = "run.json"
 REPORT = "report.json"
@@ -101,6 +101,8 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
         )
     else:
         schema = load_encoder_checkpoint(encoder_dir).schema
+    for note in schema.identifier_notes():
+        echo(note)
     _validate_banks(split, schema)
     _refuse_spent_budgets(out, split, request.policy)
     if must_pretrain:
@@ -192,7 +194,7 @@ def _run_flower_simulation(
 ) -> None:
     from flwr.simulation import run_simulation
 
-    from client.client_app import build_client_app
+    from fedfin.client.client_app import build_client_app
 
     verbose = request.verbose
     if not verbose:
@@ -217,7 +219,7 @@ def _rounds_on_disk(out: Path) -> list[dict[str, Any]]:
 
 
 def _ledger_epsilon(state_dir: Path, policy: PrivacyPolicy) -> float:
-    from common.accounting import epsilon_spent
+    from fedfin.common.accounting import epsilon_spent
 
     return epsilon_spent(PrivacyLedger(state_dir).dp_events(), policy.delta, policy.accountant)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from client.bank_settings import BankSettings
-from common.config import PrivacyPolicy
-from common.errors import ConfigError
-from common.partition import FederatedSplit
+from fedfin.client.bank_settings import BankSettings
+from fedfin.common.config import PrivacyPolicy
+from fedfin.common.errors import ConfigError
+from fedfin.common.partition import FederatedSplit
 
 BANKS_DIR = "banks"
 

@@ -5,11 +5,11 @@ from typing import NamedTuple
 
 import pytest
 
-from common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
-from common.config import PretrainConfig, SplitConfig
-from common.partition import FederatedSplit
-from common.sources import DataSource, load_source
-from server.pretrain import PretrainResult, pretrain
+from fedfin.common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
+from fedfin.common.config import PretrainConfig, SplitConfig
+from fedfin.common.partition import FederatedSplit
+from fedfin.common.sources import DataSource, load_source
+from fedfin.server.pretrain import PretrainResult, pretrain
 
 
 class Pretrained(NamedTuple):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.accounting import DpEvent, calibrate_noise_multiplier, epsilon_spent
+from fedfin.common.accounting import DpEvent, calibrate_noise_multiplier, epsilon_spent
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import DpEvent, epsilon_spent
-from common.audit import audit_path, dp_accounting_epsilon
-from common.ledger import PrivacyLedger
-from common.ledger_anchors import read_anchors
+from fedfin.common.accounting import DpEvent, epsilon_spent
+from fedfin.common.audit import audit_path, dp_accounting_epsilon
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.ledger_anchors import read_anchors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def _bank(state: Path, rounds: int, budget: float = 2.0, lie: float = 1.0) -> No
 def _audit(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """The real command, run beside the audited dir: its default plot lands there."""
     return subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "audit", str(path), *extra],
+        [sys.executable, "-m", "fedfin.simulations.cli", "audit", str(path), *extra],
         capture_output=True,
         text=True,
         cwd=path.parent,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import DpEvent, epsilon_spent
-from common.ledger import PrivacyLedger, canonical_json, entry_hash
-from simulations.cli import main
+from fedfin.common.accounting import DpEvent, epsilon_spent
+from fedfin.common.ledger import PrivacyLedger, canonical_json, entry_hash
+from fedfin.simulations.cli import main
 
 BANKS = ("bank-00", "bank-01")
 

@@ -18,15 +18,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.bank_settings import BankSettings
-from client.bank_worker import train_round
-from common.checkpoint import load_encoder_checkpoint
-from common.config import PrivacyPolicy, TrainPlanConfig
-from common.errors import FedfinError, PrivacyBudgetError
-from common.ledger import PrivacyLedger
-from common.protocol import RoundInstructions
-from common.synthetic import generate_credit_data
-from simulations.cli import main
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_worker import train_round
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.config import PrivacyPolicy, TrainPlanConfig
+from fedfin.common.errors import FedfinError, PrivacyBudgetError
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.protocol import RoundInstructions
+from fedfin.common.synthetic import generate_credit_data
+from fedfin.simulations.cli import main
 from tests.conftest import Pretrained, write_bank_data
 from tests.harness.messages import bank_context, send, server_identity, status, train_message
 
@@ -643,6 +643,24 @@ HABITS: list[tuple[str, Callable[[Workspace], Path], str, object]] = [
         "numeric",
     ),
     (
+        "a loan number column",
+        _habit(lambda f: f.assign(LoanID=f.index * 13 + 70_000_000)),
+        "LoanID",
+        "identifier",
+    ),
+    (
+        "R's rownames column",
+        _habit(lambda f: f.assign(rownames=(f.index + 1).astype(str))),
+        "rownames",
+        "identifier",
+    ),
+    (
+        "a customer key as text",
+        _habit(lambda f: f.assign(customer=[f"C-{i * 7919 % 100_003:06d}" for i in f.index])),
+        "customer",
+        "identifier",
+    ),
+    (
         "a saved row index (to_csv's default)",
         lambda ws: _write_with_index(ws),
         "dti",
@@ -673,7 +691,11 @@ def test_real_table_habits_are_read_as_people_mean_them(
     assert code == 0, capsys.readouterr().err
     schema = load_encoder_checkpoint(out).schema
     assert not [n for n in schema.feature_names if n.startswith("Unnamed")]
-    if kind == "numeric":
+    if kind == "identifier":
+        assert column not in schema.feature_names
+        assert column in dict(schema.identifier_columns)
+        assert f"column '{column}' is not used as a feature" in capsys.readouterr().out
+    elif kind == "numeric":
         assert column in [f.name for f in schema.numeric]
     else:
         assert [c.vocabulary for c in schema.categorical if c.name == column] == [kind]
@@ -719,9 +741,9 @@ def test_the_same_data_by_another_path_continues_the_run(
 ) -> None:
     """run.json written for the absolute path; the relative path is the same data (same
     content hash), so the run is not refused as other data."""
-    from common.config import SplitConfig
-    from common.sources import load_source
-    from simulations.simulate import MANIFEST
+    from fedfin.common.config import SplitConfig
+    from fedfin.common.sources import load_source
+    from fedfin.simulations.simulate import MANIFEST
 
     source = load_source(str(workspace.loans), "default", "bank")
     split = source.split(SplitConfig(num_banks=3))
@@ -758,7 +780,7 @@ def test_the_same_data_by_another_path_continues_the_run(
 def test_a_run_where_every_bank_declined_is_an_error_not_a_result(
     declines: list[str], error: type[FedfinError], words: str
 ) -> None:
-    from simulations.simulate import _refuse_a_run_where_every_bank_declined
+    from fedfin.simulations.simulate import _refuse_a_run_where_every_bank_declined
 
     trained = {"round": 1, "banks_trained": 2, "banks_declined": []}
     stopped = {"round": 2, "banks_trained": 0, "banks_declined": declines}
@@ -771,7 +793,7 @@ def test_a_run_where_every_bank_declined_is_an_error_not_a_result(
 
 def test_a_bank_table_with_missing_text_values_loads(tmp_path: Path) -> None:
     """Real tables have blanks in categorical columns: the keyed split must hash them."""
-    from client.bank_data import keyed_test_mask
+    from fedfin.client.bank_data import keyed_test_mask
 
     frame = pd.DataFrame({"home": ["rent", None, "own", np.nan], "amount": [1.0, np.nan, 3, 4]})
     frame = frame.astype({"home": "str"})

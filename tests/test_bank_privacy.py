@@ -18,21 +18,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-import client.dp_training as dp_training
-from client.bank_data import keyed_validation_mask, load_bank_tables
-from client.bank_settings import BankSettings, settings_from_node_config
-from client.bank_state import BankState
-from client.bank_worker import train_round
-from client.model_choice import choose_served_model
-from client.release_guard import release_guard
-from common.accounting import DpEvent
-from common.audit import dp_accounting_epsilon
-from common.checkpoint import EncoderCheckpoint
-from common.config import PrivacyPolicy, TrainPlanConfig
-from common.errors import PrivacyBudgetError
-from common.ledger import PrivacyLedger, events_of
-from common.protocol import EPSILON, REASON_GUARD, RoundInstructions
-from common.shared_weights import to_array_record
+import fedfin.client.dp_training as dp_training
+from fedfin.client.bank_data import keyed_validation_mask, load_bank_tables
+from fedfin.client.bank_settings import BankSettings, settings_from_node_config
+from fedfin.client.bank_state import BankState
+from fedfin.client.bank_worker import train_round
+from fedfin.client.model_choice import choose_served_model
+from fedfin.client.release_guard import release_guard
+from fedfin.common.accounting import DpEvent
+from fedfin.common.audit import dp_accounting_epsilon
+from fedfin.common.checkpoint import EncoderCheckpoint
+from fedfin.common.config import PrivacyPolicy, TrainPlanConfig
+from fedfin.common.errors import ConfigError, PrivacyBudgetError
+from fedfin.common.ledger import PrivacyLedger, events_of
+from fedfin.common.protocol import EPSILON, REASON_GUARD, RoundInstructions
+from fedfin.common.shared_weights import to_array_record
 from tests.conftest import Pretrained, write_bank_data
 from tests.harness.bank_round import KILL_POINTS
 from tests.harness.messages import bank_context, send, server_identity, status, train_message
@@ -489,8 +489,8 @@ def test_the_real_client_app_sends_nothing_its_worker_adds_beyond_the_protocol(
 ) -> None:
     """The guard is wired into the bank's ClientApp: a worker bug that returned the head
     and an exact count is stopped before the reply leaves."""
-    import client.client_app as client_app
-    from client.bank_worker import BankReply
+    import fedfin.client.client_app as client_app
+    from fedfin.client.bank_worker import BankReply
 
     def leaky(*args: Any, **kwargs: Any) -> BankReply:
         arrays = OrderedDict(checkpoint.arrays)
@@ -501,3 +501,11 @@ def test_the_real_client_app_sends_nothing_its_worker_adds_beyond_the_protocol(
     reply = client_app.build_client_app()(train_message(checkpoint), bank_context(data, tmp_path))
     assert set(reply.content.keys()) == {"status"}
     assert reply.content.config_records["status"]["reason"] == REASON_GUARD
+
+
+def test_a_node_config_that_fixes_the_noise_seed_is_refused(tmp_path: Path) -> None:
+    """A fixed noise seed would let whoever learns it regenerate and remove the DP noise."""
+    config = {"data-path": str(tmp_path / "loans.csv"), "state-dir": str(tmp_path / "state")}
+    assert settings_from_node_config(config).noise_seed is None
+    with pytest.raises(ConfigError, match="'noise-seed' is refused"):
+        settings_from_node_config({**config, "noise-seed": 7})

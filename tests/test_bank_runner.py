@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from client.clientappio import (
+from fedfin.client.clientappio import (
     ACQUIRE_TASK_METHOD,
     CLIENT_APP_TASK,
     TESTED_FLWR_VERSION,
@@ -32,11 +32,17 @@ from client.clientappio import (
     fab_bytes,
     fab_identity,
 )
-from client.node_keys import create_node_keys
-from client.runner_config import check_runner_files, load_runner_config
-from common.errors import ConfigError
-from common.ledger import PrivacyLedger
-from common.protocol import REASON_KEY, REASON_NOT_ALLOWED, STATUS, STATUS_DECLINED, STATUS_KEY
+from fedfin.client.node_keys import create_node_keys
+from fedfin.client.runner_config import check_runner_files, load_runner_config
+from fedfin.common.errors import ConfigError
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.protocol import (
+    REASON_KEY,
+    REASON_NOT_ALLOWED,
+    STATUS,
+    STATUS_DECLINED,
+    STATUS_KEY,
+)
 from tests.conftest import Pretrained, write_bank_data
 from tests.harness.bank_runner_deployment import (
     FEDFIN,
@@ -106,6 +112,7 @@ def test_the_banks_settings_come_from_the_runner_config(tmp_path: Path) -> None:
         ('data-path = "data"', "", "'data-path'"),
         ("[bank]", "[bank\n", "not valid TOML"),
         ("poll-interval = 0.1", "poll-interval = 0", "'poll-interval'"),
+        ("epsilon-budget = 0.5", "epsilon-budget = 0.5\nnoise-seed = 7", "'noise-seed'"),
     ],
 )
 def test_a_bad_config_is_one_line_naming_the_file_and_the_key(
@@ -262,9 +269,9 @@ def test_a_refused_run_gets_the_same_reply_as_a_bank_that_declines(
     """The server sees the shape it knows from client_app.py: a status record, two keys."""
     from flwr.app import Context, RecordDict
 
-    from client.bank_runner import declined_reply
-    from client.client_app import build_client_app
-    from common.checkpoint import load_encoder_checkpoint
+    from fedfin.client.bank_runner import declined_reply
+    from fedfin.client.client_app import build_client_app
+    from fedfin.common.checkpoint import load_encoder_checkpoint
     from tests.harness.messages import server_identity, train_message
 
     with server_identity():

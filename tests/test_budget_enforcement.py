@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from client.bank_data import load_bank_splits
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from client.bank_worker import evaluate_round, train_round
-from client.dp_training import DpStepPlan, train_with_dp
-from client.release import array_sha256
-from common.accounting import DpEvent, epsilon_spent
-from common.checkpoint import EncoderCheckpoint
-from common.config import PrivacyPolicy, TrainPlanConfig
-from common.errors import PrivacyBudgetError
-from common.ledger import PrivacyLedger, events_of
-from common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
+from fedfin.client.bank_data import load_bank_splits
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.client.bank_worker import evaluate_round, train_round
+from fedfin.client.dp_training import DpStepPlan, train_with_dp
+from fedfin.client.release import array_sha256
+from fedfin.common.accounting import DpEvent, epsilon_spent
+from fedfin.common.checkpoint import EncoderCheckpoint
+from fedfin.common.config import PrivacyPolicy, TrainPlanConfig
+from fedfin.common.errors import PrivacyBudgetError
+from fedfin.common.ledger import PrivacyLedger, events_of
+from fedfin.common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
 from tests.conftest import Pretrained, write_bank_data
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoint import load_encoder_checkpoint
-from common.synthetic import generate_credit_data
-from simulations.cli import main
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.synthetic import generate_credit_data
+from fedfin.simulations.cli import main
 
 FEDFIN = Path(sys.executable).with_name("fedfin")  # the installed console script
 

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli import _FlowerStyle, build_parser, main
+from fedfin.common.logs import FlowerStyle, log_like_flower
+from fedfin.simulations.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +50,7 @@ def test_every_flag_has_help_and_shows_its_default(command: str) -> None:
 def test_output_into_a_closed_pipe_is_quiet_and_keeps_the_exit_code(tmp_path: Path) -> None:
     """`fedfin ... | head`: the reader leaves early; no BrokenPipeError, the real exit code."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "audit", "--help"],
+        [sys.executable, "-m", "fedfin.simulations.cli", "audit", "--help"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -60,13 +62,45 @@ def test_output_into_a_closed_pipe_is_quiet_and_keeps_the_exit_code(tmp_path: Pa
     assert "BrokenPipe" not in err and "Traceback" not in err and err == ""
 
 
+@pytest.mark.parametrize("timestamps", [False, True])
+@pytest.mark.parametrize("coloured", [False, True])
 @pytest.mark.parametrize("level", [logging.INFO, logging.WARNING, logging.ERROR])
-def test_fedfin_logs_in_flowers_console_format(level: int) -> None:
+def test_fedfin_logs_in_flowers_console_format(
+    level: int, coloured: bool, timestamps: bool
+) -> None:
     from flwr.supercore.logger import ConsoleHandler
 
     record = logging.LogRecord("fedfin.server", level, "f", 1, "bank-01 failed", (), None)
 
-    line = _FlowerStyle(coloured=False).format(record)
+    line = FlowerStyle(coloured=coloured, timestamps=timestamps).format(record)
 
-    assert line == ConsoleHandler(colored=False).format(record)
-    assert line.startswith(logging.getLevelName(level)) and line.endswith(" bank-01 failed")
+    flower = ConsoleHandler(colored=coloured, timestamps=timestamps).format(record)
+    assert line == flower
+    assert line.endswith(" bank-01 failed") and logging.getLevelName(level) in line
+
+
+def test_the_runners_log_stamps_fedfins_and_flowers_lines_alike(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The bank runner (a service) logs once, in one format, with the time on every line."""
+    from flwr.common.logger import FLOWER_LOGGER, update_console_handler
+
+    logger = logging.getLogger("fedfin")
+    before = (logger.level, list(logger.handlers))
+    try:
+        log_like_flower(logging.INFO, timestamps=True)
+        log_like_flower(logging.INFO, timestamps=True)  # twice: still one handler
+        assert sum(isinstance(h.formatter, FlowerStyle) for h in logger.handlers) == 1
+        logging.getLogger("fedfin.runner").info("runner line")
+        record = logging.LogRecord("flwr", logging.INFO, "f", 1, "flower line", (), None)
+        flower_handlers = [h for h in FLOWER_LOGGER.handlers if hasattr(h, "timestamps")]
+        assert flower_handlers and all(h.timestamps for h in flower_handlers)
+        flower_line = flower_handlers[0].format(record)
+        ours = capsys.readouterr().err.strip().splitlines()[-1]
+        stamp = r"INFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}:\s+"
+        assert re.fullmatch(stamp + "runner line", ours), ours
+        assert re.fullmatch(stamp + "flower line", flower_line), flower_line
+    finally:
+        update_console_handler(timestamps=False)
+        logger.setLevel(before[0])
+        logger.handlers[:] = before[1]

@@ -17,13 +17,13 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.clipped_gradients import ClippedGradients, UnsupportedLayerError
-from client.dp_training import DpStepPlan, train_with_dp
-from client.poisson_batches import poisson_batches
-from common.checkpoint import EncoderCheckpoint
-from common.model import CreditModel
-from common.schema import EncodedTable
-from common.tensors import as_dataset
+from fedfin.client.clipped_gradients import ClippedGradients, UnsupportedLayerError
+from fedfin.client.dp_training import DpStepPlan, train_with_dp
+from fedfin.client.poisson_batches import poisson_batches
+from fedfin.common.checkpoint import EncoderCheckpoint
+from fedfin.common.model import CreditModel
+from fedfin.common.schema import EncodedTable
+from fedfin.common.tensors import as_dataset
 from tests.conftest import Pretrained
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.checkpoint import load_encoder_checkpoint
-from common.errors import ConfigError
-from common.ledger import PrivacyLedger
-from server.certificates import create_certificates
-from server.proxy_config import FLEET_PATHS, proxy_config_for, render_nginx_config
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.errors import ConfigError
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.server.certificates import create_certificates
+from fedfin.server.proxy_config import FLEET_PATHS, proxy_config_for, render_nginx_config
 from tests.harness.bank_runner_deployment import free_port_block
 from tests.harness.processes import descendants, flower_env, started, stop
 from tests.harness.sockets import listening_addresses
@@ -37,7 +37,7 @@ from tests.harness.sockets import listening_addresses
 ROOT = Path(__file__).resolve().parents[1]
 BANKS = ("bank-00", "bank-01", "bank-02")
 EPSILON_BUDGET = 1.0  # the demo's epsilon-budget for every bank
-FEDFIN = [sys.executable, "-m", "simulations.cli"]
+FEDFIN = [sys.executable, "-m", "fedfin.simulations.cli"]
 READY_TIMEOUT_S = 480
 
 

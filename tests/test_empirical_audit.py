@@ -19,17 +19,17 @@ import torch
 from opacus.optimizers import optimizer as opacus_optimizer
 from opacus.optimizers import optimizer_fast_gradient_clipping as fast_optimizer
 
-from client.clipped_gradients import ClippedSumOptimizer
-from client.empirical_audit import EmpiricalAuditConfig, run_empirical_audit
-from common.errors import ConfigError
-from common.one_run_audit import (
+from fedfin.client.clipped_gradients import ClippedSumOptimizer
+from fedfin.client.empirical_audit import EmpiricalAuditConfig, run_empirical_audit
+from fedfin.common.errors import ConfigError
+from fedfin.common.one_run_audit import (
     epsilon_lower_bound,
     guess_from_scores,
     noise_diagnostics,
     p_value,
     perfect_guess_ceiling,
 )
-from simulations.cli import main
+from fedfin.simulations.cli import main
 from tests.conftest import Pretrained, write_bank_data
 
 SMALL = EmpiricalAuditConfig(canaries=200, epsilon=1.0, steps=20, seed=0)

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.explain import Explainer, reasons_table
-from client.scoring import Scorer
-from common.errors import ConfigError
+from fedfin.client.explain import Explainer, reasons_table
+from fedfin.client.scoring import Scorer
+from fedfin.common.errors import ConfigError
 from tests.conftest import Pretrained
 from tests.test_scoring import TrainedBank, run_bank_command, trained_bank
 

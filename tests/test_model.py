@@ -10,10 +10,10 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from common.config import ModelConfig
-from common.model import build_model
-from common.schema import EncodedTable, FeatureSchema
-from common.shared_weights import (
+from fedfin.common.config import ModelConfig
+from fedfin.common.model import build_model
+from fedfin.common.schema import EncodedTable, FeatureSchema
+from fedfin.common.shared_weights import (
     SharedWeightsError,
     check_shared_arrays,
     from_array_record,
@@ -21,7 +21,7 @@ from common.shared_weights import (
     shared_arrays,
     to_array_record,
 )
-from common.synthetic import GROUP_COLUMN, LABEL, generate_credit_data
+from fedfin.common.synthetic import GROUP_COLUMN, LABEL, generate_credit_data
 
 MODEL_CONFIGS = [ModelConfig(), ModelConfig(hidden_sizes=(32, 16, 8), head_hidden=4)]
 

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from client.bank_data import BankSplits, load_bank_splits
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from client.model_choice import (
+from fedfin.client.bank_data import BankSplits, load_bank_splits
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.client.model_choice import (
     FEDERATED,
     PUBLIC,
     choose_served_model,
@@ -28,16 +28,16 @@ from client.model_choice import (
     public_model,
     serving_record,
 )
-from client.scoring import Scorer
-from common.checkpoint import (
+from fedfin.client.scoring import Scorer
+from fedfin.common.checkpoint import (
     SOURCE_HEAD_FILE,
     EncoderCheckpoint,
     load_encoder_checkpoint,
     load_source_head,
 )
-from common.config import PrivacyPolicy
-from common.ledger import PrivacyLedger
-from common.tensors import predict_logits
+from fedfin.common.config import PrivacyPolicy
+from fedfin.common.ledger import PrivacyLedger
+from fedfin.common.tensors import predict_logits
 from tests.conftest import Pretrained, write_bank_data
 from tests.test_scoring import run_bank_command
 

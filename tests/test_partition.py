@@ -6,16 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.config import SplitConfig
-from common.errors import ConfigError, DataError
-from common.lending_club import LABEL, STATE_COLUMN
-from common.partition import (
+from fedfin.common.config import SplitConfig
+from fedfin.common.errors import ConfigError, DataError
+from fedfin.common.lending_club import LABEL, STATE_COLUMN
+from fedfin.common.partition import (
     FederatedSplit,
     GroupPartitioner,
     IidPartitioner,
     split_train_test,
 )
-from common.sources import DataSource
+from fedfin.common.sources import DataSource
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from common.accounting import calibrate_noise_multiplier
-from common.config import ModelConfig
-from common.gradient_signal import GradientSignal, measure_gradient_signal
-from common.model import CreditModel, build_model
-from common.planning import PlanQuestion, evaluate, recommend
-from common.schema import EncodedTable, FeatureSchema
-from simulations.cli import main
+from fedfin.common.accounting import calibrate_noise_multiplier
+from fedfin.common.config import ModelConfig
+from fedfin.common.gradient_signal import GradientSignal, measure_gradient_signal
+from fedfin.common.model import CreditModel, build_model
+from fedfin.common.planning import PlanQuestion, evaluate, recommend
+from fedfin.common.schema import EncodedTable, FeatureSchema
+from fedfin.simulations.cli import main
 from tests.conftest import Pretrained
 
 

@@ -14,19 +14,19 @@ import pytest
 import torch
 from scipy import stats
 
-import client.dp_training as dp_training
-from client.dp_training import DpStepPlan, train_with_dp
-from client.poisson_batches import (
+import fedfin.client.dp_training as dp_training
+from fedfin.client.dp_training import DpStepPlan, train_with_dp
+from fedfin.client.poisson_batches import (
     distinct_by_permutation,
     distinct_by_redrawing,
     distinct_rows,
     poisson_batches,
     poisson_indices,
 )
-from common.config import ModelConfig
-from common.model import build_model
-from common.schema import EncodedTable, FeatureSchema
-from common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
+from fedfin.common.config import ModelConfig
+from fedfin.common.model import build_model
+from fedfin.common.schema import EncodedTable, FeatureSchema
+from fedfin.common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
 
 ROWS, RATE, DRAWS = 1000, 0.02, 10_000
 P_VALUE_FLOOR = 1e-3

@@ -11,21 +11,21 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from common.checkpoint import (
+from fedfin.common.checkpoint import (
     ENCODER_FILE,
     SCHEMA_FILE,
     load_encoder_checkpoint,
     save_encoder_checkpoint,
 )
-from common.config import ModelConfig, PretrainConfig
-from common.errors import CheckpointError, ConfigError, DataError
-from common.model import build_model
-from common.partition import BankData, split_train_test
-from common.schema import FeatureSchema
-from common.shared_weights import shared_arrays
-from common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
-from common.tensors import representations
-from server.pretrain import METRICS_FILE, SOURCE_HEAD_FILE, pretrain
+from fedfin.common.config import ModelConfig, PretrainConfig
+from fedfin.common.errors import CheckpointError, ConfigError, DataError
+from fedfin.common.model import build_model
+from fedfin.common.partition import BankData, split_train_test
+from fedfin.common.schema import FeatureSchema
+from fedfin.common.shared_weights import shared_arrays
+from fedfin.common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
+from fedfin.common.tensors import representations
+from fedfin.server.pretrain import METRICS_FILE, SOURCE_HEAD_FILE, pretrain
 from tests.conftest import Pretrained
 
 

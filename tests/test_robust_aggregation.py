@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.config import FederationConfig
-from server.strategy import WEIGHT_KEY, build_strategy
+from fedfin.common.config import FederationConfig
+from fedfin.server.strategy import WEIGHT_KEY, build_strategy
 from tests.harness.messages import server_identity
 
 
@@ -55,7 +55,7 @@ def test_trimmed_mean_stays_near_the_honest_mean_fedavg_does_not(attack: str) ->
 
 def test_banks_withholding_their_counts_among_others_aggregate_uniformly() -> None:
     """A mix of banks that release num-examples and banks that do not must not crash."""
-    from server.federation import _set_weights
+    from fedfin.server.federation import _set_weights
 
     replies = [_reply({"w": np.full((2, 2), float(i), np.float32)}) for i in range(3)]
     replies[0].content.metric_records["metrics"]["num-examples"] = 500

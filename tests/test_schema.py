@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import CheckpointError, DataError
-from common.schema import FeatureSchema
-from common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
+from fedfin.common.errors import CheckpointError, DataError
+from fedfin.common.schema import FeatureSchema
+from fedfin.common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
 
 BANK_SOURCE = "bank-00.csv"
 
@@ -324,8 +324,8 @@ def test_a_file_that_is_not_a_fedfin_schema_is_a_checkpoint_error(
         (lambda n: np.arange(n) % 2 == 0, "categorical"),  # bool dtype
         (lambda n: np.where(np.arange(n) % 2 == 0, "True", "False"), "categorical"),
         (lambda n: (np.arange(n) % 50).astype(str), "numeric"),  # numbers stored as text
-        (lambda n: [f"{1000 + i:,}" for i in range(n)], "numeric"),  # "1,000"
-        (lambda n: [f"${1000 + i:,.2f}" for i in range(n)], "numeric"),
+        (lambda n: [f"{1000 + 7 * (i % 50):,}" for i in range(n)], "numeric"),  # "1,000"
+        (lambda n: [f"${1000 + 7 * (i % 50):,.2f}" for i in range(n)], "numeric"),
     ],
     ids=["bool", "True/False text", "text numbers", "thousands", "currency"],
 )
@@ -358,3 +358,68 @@ def test_a_word_among_public_numbers_is_one_data_error_naming_the_value(
 
     with pytest.raises(DataError, match=r"'dti' must be numeric, but row 4 has 'twelve'"):
         FeatureSchema.fit(public.assign(dti=dti), LABEL, exclude=(GROUP_COLUMN,))
+
+
+# --- row identifiers ----------------------------------------------------------------------
+
+
+def _with_identifiers(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = len(frame)
+    return frame.assign(
+        **{
+            "Unnamed: 0": np.arange(rows),  # a saved pandas index
+            "LoanID": rng.permutation(rows) * 7 + 100_000,  # named, shuffled, sparse
+            "SK_ID_CURR": rng.permutation(rows) + 5,
+            "application_key": [f"A{rng.integers(1e12):013d}" for _ in range(rows)],
+            "row": rng.permutation(np.arange(3 * rows))[:rows],  # named, a split's subset
+        }
+    ).sample(frac=1.0, random_state=seed)  # also out of row order
+
+
+def test_row_identifiers_are_not_features_and_each_is_named_with_why(
+    public: pd.DataFrame,
+) -> None:
+    fitted = FeatureSchema.fit(_with_identifiers(public, 1), LABEL, exclude=(GROUP_COLUMN,))
+    found = dict(fitted.identifier_columns)
+    assert set(found) == {"Unnamed: 0", "LoanID", "SK_ID_CURR", "application_key", "row"}
+    assert not set(found) & set(fitted.feature_names)
+    plain = FeatureSchema.fit(public, LABEL, exclude=(GROUP_COLUMN,))
+    assert fitted.feature_names == plain.feature_names
+    assert plain.identifier_columns == () and plain.identifier_notes() == []
+    notes = fitted.identifier_notes()
+    assert len(notes) == 5 and all("not used as a feature" in n for n in notes)
+    assert FeatureSchema.from_json(fitted.to_json()) == fitted
+
+
+def test_features_that_merely_look_like_identifiers_stay_features(
+    public: pd.DataFrame,
+) -> None:
+    rng = np.random.default_rng(3)
+    rows = len(public)
+    frame = public.assign(
+        paid_amount=rng.integers(0, 10 * rows, rows),  # 'paid' holds no 'id' token
+        branch_id=rng.integers(0, 20, rows),  # named, but a code shared by many loans
+        income_exact=rng.normal(50_000, 9_000, rows).round(2),  # distinct, not whole
+        grid=rng.choice(["A", "B", "C"], rows),
+    )
+    fitted = FeatureSchema.fit(frame, LABEL, exclude=(GROUP_COLUMN,))
+    assert fitted.identifier_columns == ()
+    assert {"paid_amount", "branch_id", "income_exact", "grid"} <= set(fitted.feature_names)
+
+
+def test_a_bank_table_may_carry_its_own_identifier_but_no_other_unknown_column(
+    schema: FeatureSchema, bank: pd.DataFrame
+) -> None:
+    with_id = bank.assign(customer_id=np.arange(len(bank)) + 9_000)
+    plain = schema.transform(bank, BANK_SOURCE, strict_columns=True)
+    kept = schema.transform(with_id, BANK_SOURCE, strict_columns=True)
+    assert np.array_equal(plain.numeric, kept.numeric)
+    with pytest.raises(DataError, match="column 'internal_score' is not in the encoder's"):
+        schema.transform(
+            with_id.assign(internal_score=bank.index % 7), BANK_SOURCE, strict_columns=True
+        )
+
+
+def test_a_schema_without_identifiers_keeps_its_fingerprint(schema: FeatureSchema) -> None:
+    assert "identifier_columns" not in schema.to_json()

@@ -17,16 +17,16 @@ import pandas as pd
 import pytest
 import torch
 
-from client.bank_settings import BankSettings
-from client.bank_worker import train_round
-from client.scoring import Scorer
-from common.checkpoint import load_encoder_checkpoint
-from common.config import ModelConfig, PrivacyPolicy, TrainPlanConfig
-from common.errors import CheckpointError, ConfigError, DataError, FedfinError
-from common.model import build_model
-from common.protocol import RoundInstructions
-from common.tensors import predict_proba
-from simulations.cli_bank import add_bank_commands
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_worker import train_round
+from fedfin.client.scoring import Scorer
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.config import ModelConfig, PrivacyPolicy, TrainPlanConfig
+from fedfin.common.errors import CheckpointError, ConfigError, DataError, FedfinError
+from fedfin.common.model import build_model
+from fedfin.common.protocol import RoundInstructions
+from fedfin.common.tensors import predict_proba
+from fedfin.simulations.cli_bank import add_bank_commands
 from tests.conftest import Pretrained, write_bank_data
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.explain import Explainer
-from client.scoring import Scorer
-from common.errors import ConfigError, DataError
+from fedfin.client.explain import Explainer
+from fedfin.client.scoring import Scorer
+from fedfin.common.errors import ConfigError, DataError
 from tests.conftest import Pretrained
 from tests.test_scoring import TrainedBank, run_bank_command, trained_bank
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from client.scoring import Scorer
+from fedfin.client.scoring import Scorer
 from tests.conftest import Pretrained
 from tests.harness.processes import started
 from tests.test_scoring import TrainedBank, trained_bank

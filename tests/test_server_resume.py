@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.ledger import PrivacyLedger
+from fedfin.common.ledger import PrivacyLedger
 from tests.harness.processes import flower_env, run_to_end, started
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ def _simulate(out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "simulations.cli",
+        "fedfin.simulations.cli",
         "simulate",
         "--banks",
         "3",

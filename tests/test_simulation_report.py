@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from client.bank_state import BankState
-from simulations.report_table import bank_table
-from simulations.simulate import _round_line, local_evaluation, with_local_metrics
+from fedfin.client.bank_state import BankState
+from fedfin.simulations.report_table import bank_table
+from fedfin.simulations.simulate import _round_line, local_evaluation, with_local_metrics
 
 
 def _evaluated(state: Path, federation: str, server_round: int, auc: float, rows: int) -> None:

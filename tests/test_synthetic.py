@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import ConfigError
-from common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
+from fedfin.common.errors import ConfigError
+from fedfin.common.synthetic import GROUP_COLUMN, LABEL, PUBLIC_GROUP, generate_credit_data
 
 
 def spread_between_banks(frame: pd.DataFrame) -> float:

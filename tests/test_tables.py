@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import DataError
-from common.tables import read_table
+from fedfin.common.errors import DataError
+from fedfin.common.tables import read_table
 
 GOOD = pd.DataFrame(
     {

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import client.bank_worker as worker
-from client.bank_settings import BankSettings
-from client.bank_state import BankState
-from common.checkpoint import load_encoder_checkpoint
-from common.config import PrivacyPolicy, TrainPlanConfig
-from common.errors import FedfinError
-from common.protocol import EPSILON, RoundInstructions
+import fedfin.client.bank_worker as worker
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_state import BankState
+from fedfin.common.checkpoint import load_encoder_checkpoint
+from fedfin.common.config import PrivacyPolicy, TrainPlanConfig
+from fedfin.common.errors import FedfinError
+from fedfin.common.protocol import EPSILON, RoundInstructions
 
 KILL_POINTS = (
     "before-charge",
@@ -56,7 +56,7 @@ def _kind_is(kind: str) -> Callable[..., bool]:
 
 def install_kill_point(point: str) -> None:
     """Make this process die at `point` of `train_round` (see KILL_POINTS)."""
-    import client.dp_training as training
+    import fedfin.client.dp_training as training
 
     if point == "before-charge":
         worker.record_release = _wrap(worker.record_release, True, _kind_is(worker.CHARGE))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / ".venv" / "bin"
-FEDFIN = [sys.executable, "-m", "simulations.cli"]
+FEDFIN = [sys.executable, "-m", "fedfin.simulations.cli"]
 CONNECTION = "local"
 APP_PARTS = ("pyproject.toml", "README.md", "common", "server", "client")
 

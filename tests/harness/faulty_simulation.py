@@ -34,7 +34,7 @@ class FailMidTraining:
     def __call__(self, message: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if not _is(message, context, FAILING):
             return call_next(message, context)
-        import client.dp_training as training
+        import fedfin.client.dp_training as training
 
         original = training.poisson_batches
 
@@ -62,9 +62,9 @@ class SlowBank:
 
 
 def main() -> None:
-    from common.config import FederationConfig, PrivacyPolicy, SplitConfig
-    from common.sources import load_source
-    from simulations.simulate import SimulationRequest, simulate
+    from fedfin.common.config import FederationConfig, PrivacyPolicy, SplitConfig
+    from fedfin.common.sources import load_source
+    from fedfin.simulations.simulate import SimulationRequest, simulate
 
     out, timeout = Path(sys.argv[1]), float(sys.argv[2])
     request = SimulationRequest(

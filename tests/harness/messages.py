@@ -9,11 +9,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import build_client_app
-from common.checkpoint import EncoderCheckpoint
-from common.config import TrainPlanConfig
-from common.protocol import RoundInstructions
-from common.shared_weights import to_array_record
+from fedfin.client.client_app import build_client_app
+from fedfin.common.checkpoint import EncoderCheckpoint
+from fedfin.common.config import TrainPlanConfig
+from fedfin.common.protocol import RoundInstructions
+from fedfin.common.shared_weights import to_array_record
 
 Arrays = OrderedDict[str, np.ndarray]
 

@@ -46,9 +46,9 @@ class PoisonedUpdates:
 
 
 def main() -> None:
-    from common.config import FederationConfig, PrivacyPolicy, SplitConfig
-    from common.sources import load_source
-    from simulations.simulate import SimulationRequest, simulate
+    from fedfin.common.config import FederationConfig, PrivacyPolicy, SplitConfig
+    from fedfin.common.sources import load_source
+    from fedfin.simulations.simulate import SimulationRequest, simulate
 
     out, strategy, attack = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 3

@@ -45,9 +45,9 @@ class ReplyRecorder:
 
 
 def main() -> None:
-    from common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
-    from common.sources import load_source
-    from simulations.simulate import SimulationRequest, simulate
+    from fedfin.common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
+    from fedfin.common.sources import load_source
+    from fedfin.simulations.simulate import SimulationRequest, simulate
 
     out, record, banks, rounds, epsilon, mode = sys.argv[1:7]
     Path(record).mkdir(parents=True, exist_ok=True)
