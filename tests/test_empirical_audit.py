@@ -153,7 +153,9 @@ def test_clipping_disabled_fails_the_noise_diagnostics(
 ) -> None:
     _clipping_disabled(monkeypatch)
     # Unclipped gradients show only where they are a visible part of the update: small σ.
-    audit = run_empirical_audit(data, pretrained.checkpoint_dir, replace(SMALL, epsilon=8.0))
+    # At ε 8 the excess kurtosis straddled its limit (0.11-1.2 against 0.12 over the split
+    # key's draws); at ε 16 it measured 1.3-6.6 against the same limit.
+    audit = run_empirical_audit(data, pretrained.checkpoint_dir, replace(SMALL, epsilon=16.0))
     assert not audit.diagnostics.ok, audit.as_dict()
     assert audit.verdict != "ok"
 
