@@ -5,12 +5,18 @@ missing, text numbers ("1,250", "$1,250.00", "12%") are numbers, booleans are th
 categories True/False. A header must name every column once: a duplicated name is refused
 (pandas would silently rename the second one `Income.1`), and an unnamed column is refused
 unless it is a saved row index (unique whole numbers, as `DataFrame.to_csv()` writes by
-default), which is dropped.
+default), which is dropped. A CSV may be compressed as banks' exports often are
+(`loans.csv.gz`, `.csv.bz2`, `.csv.xz`), read by the same rule.
 """
 
+import bz2
 import csv
+import gzip
+import lzma
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pandas as pd
 
@@ -18,6 +24,22 @@ from fedfin.common.cells import clean_column
 from fedfin.common.errors import DataError
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+_CSV_COMPRESSIONS: dict[str, Callable[..., IO[Any]]] = {
+    ".gz": gzip.open,
+    ".bz2": bz2.open,
+    ".xz": lzma.open,
+}
+
+
+def table_suffix(path: Path) -> str | None:
+    """`.csv` (also compressed: `.csv.gz`, `.csv.bz2`, `.csv.xz`), `.parquet` or `.pq`;
+    None for anything else."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in TABLE_SUFFIXES:
+        return suffixes[-1]
+    if suffixes[-2:-1] == [".csv"] and suffixes[-1] in _CSV_COMPRESSIONS:
+        return ".csv"
+    return None
 
 
 def read_table(path: Path | str) -> pd.DataFrame:
@@ -27,9 +49,12 @@ def read_table(path: Path | str) -> pd.DataFrame:
         raise DataError(f"{path}: file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .csv or .parquet file")
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{suffix}', use .csv or .parquet")
+    suffix = table_suffix(path)
+    if suffix is None:
+        raise DataError(
+            f"{path}: unsupported file type '{''.join(path.suffixes[-2:]).lower()}', use "
+            ".csv (also .csv.gz, .csv.bz2, .csv.xz) or .parquet"
+        )
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     try:
@@ -49,7 +74,7 @@ def read_table(path: Path | str) -> pd.DataFrame:
         raise DataError(f"{path}: cannot parse CSV ({first})") from None
     except csv.Error as exc:
         raise DataError(f"{path}: cannot parse CSV header ({exc})") from None
-    except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid, a ValueError.
+    except (OSError, ValueError, EOFError, lzma.LZMAError) as exc:  # pyarrow: ArrowInvalid
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: cannot read {suffix[1:]} file ({first})") from None
     if frame.empty:
@@ -69,7 +94,11 @@ def read_table(path: Path | str) -> pd.DataFrame:
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
+    opener = _CSV_COMPRESSIONS.get(path.suffix.lower())
+    if opener is None:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle), [])
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
         return next(csv.reader(handle), [])
 
 

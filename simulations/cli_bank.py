@@ -240,7 +240,7 @@ def _set_threads(threads: int) -> None:
 def _check_table_path(flag: str, path: Path) -> None:
     from fedfin.common.tables import TABLE_SUFFIXES
 
-    if path.suffix.lower() not in TABLE_SUFFIXES:
+    if path.suffix.lower() not in TABLE_SUFFIXES:  # outputs: plain CSV or Parquet
         raise ConfigError(f"{flag} {path}: use a .csv or .parquet file name")
 
 

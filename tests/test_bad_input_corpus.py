@@ -230,6 +230,18 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], int, str]] = [
         "cannot read parquet",
     ),
     (
+        "a gzip file that is not gzip",
+        _pretrain_on(lambda ws: _bytes(ws, "loans.csv.gz", b"loan,default\n1,0\n")),
+        2,
+        "cannot read csv",
+    ),
+    (
+        "a zip archive",
+        _pretrain_on(lambda ws: _bytes(ws, "loans.csv.zip", b"PK\x03\x04")),
+        2,
+        "unsupported file type '.csv.zip'",
+    ),
+    (
         "semicolon delimiter",
         _pretrain_on(
             lambda ws: _bytes(ws, "semi.csv", _frame(ws).to_csv(sep=";", index=False).encode())
@@ -575,7 +587,7 @@ def _habit(
     def make(ws: Workspace) -> Path:
         path = ws.root / f"habit{suffix}"
         frame = change(_frame(ws).drop(columns=["bank"]))
-        if suffix == ".csv":
+        if suffix.startswith(".csv"):  # pandas compresses by the suffix: .csv.gz, .csv.xz
             frame.to_csv(path, index=False)
         else:
             frame.to_parquet(path, index=False)
@@ -639,6 +651,20 @@ HABITS: list[tuple[str, Callable[[Workspace], Path], str, object]] = [
                 dti=lambda g: g["dti"].where(g.index % 5 != 0, np.where(g.index % 2, "", "  "))
             )
         ),
+        "dti",
+        "numeric",
+    ),
+    (
+        "a gzip-compressed CSV",
+        _habit(
+            lambda f: f.assign(loan_amount=f["loan_amount"].map(lambda v: f"{v:,.0f}")), ".csv.gz"
+        ),
+        "loan_amount",
+        "numeric",
+    ),
+    (
+        "an xz-compressed CSV",
+        _habit(lambda f: f, ".csv.xz"),
         "dti",
         "numeric",
     ),
