@@ -11,7 +11,7 @@ from fedfin.common.ledger import PrivacyLedger
 from fedfin.common.protocol import REASON_DECLINED
 from tests.harness.processes import flower_env, run_to_end
 
-TIMEOUT = 45.0  # round 1 starts Ray workers and torch on a busy 2-core machine
+TIMEOUT = 60.0  # round 1 starts Ray workers and torch on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")

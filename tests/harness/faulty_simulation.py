@@ -73,7 +73,8 @@ def main() -> None:
         federation=FederationConfig(num_rounds=2, min_banks=2, round_timeout=timeout),
         policy=PrivacyPolicy(epsilon_budget=1.0),
         out_dir=out,
-        client_mods=(FailMidTraining(), SlowBank(delay=2.5 * timeout)),
+        # Late by 10 s: it misses the round, and the run does not wait long for its worker.
+        client_mods=(FailMidTraining(), SlowBank(delay=timeout + 10.0)),
     )
     simulate(request)
 
