@@ -1,6 +1,8 @@
 """`fedfin audit` proves what each bank spent from its own ledger, and fails loudly when not."""
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ from fedfin.common.accounting import DpEvent, epsilon_spent
 from fedfin.common.audit import audit_path, dp_accounting_epsilon
 from fedfin.common.ledger import PrivacyLedger
 from fedfin.common.ledger_anchors import read_anchors
+from fedfin.simulations.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +41,8 @@ def _bank(state: Path, rounds: int, budget: float = 2.0, lie: float = 1.0) -> No
         )
 
 
-def _audit(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    """The real command, run beside the audited dir: its default plot lands there."""
+def _audit_process(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The real console command in its own process, run beside the audited dir."""
     return subprocess.run(
         [sys.executable, "-m", "fedfin.simulations.cli", "audit", str(path), *extra],
         capture_output=True,
@@ -48,6 +51,20 @@ def _audit(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=120,
     )
+
+
+def _audit(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`fedfin audit` through its entry function, run beside the audited dir (its default
+    plot lands there): the same code as the console command without a new interpreter."""
+    out, err = io.StringIO(), io.StringIO()
+    here = Path.cwd()
+    os.chdir(path.parent)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["audit", str(path), *extra])
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["fedfin", "audit"], code, out.getvalue(), err.getvalue())
 
 
 def test_independent_accountant_agrees_with_the_live_one() -> None:
@@ -62,7 +79,7 @@ def test_independent_accountant_agrees_with_the_live_one() -> None:
 def test_audit_of_a_run_dir_covers_every_bank(tmp_path: Path) -> None:
     for name in ("bank-00", "bank-01"):
         _bank(tmp_path / "banks" / name / "state", rounds=3)
-    result = _audit(tmp_path, "--json", str(tmp_path / "audit.json"))
+    result = _audit_process(tmp_path, "--json", str(tmp_path / "audit.json"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "audit.json").read_text())
     assert report["ok"] and len(report["banks"]) == 2
