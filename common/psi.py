@@ -1,0 +1,83 @@
+"""Population stability index (PSI): how far one distribution of a feature is from another.
+
+PSI = sum over bins of (actual - expected) * ln(actual / expected), with proportions per bin.
+A bin empty on either side would make it infinite, so every proportion is floored at
+`EMPTY_BIN_EPSILON` (1e-4) before the sum, on both sides, without renormalising. Verdicts
+use the usual credit-scoring thresholds: PSI < 0.1 ok, 0.1 <= PSI < 0.25 watch, >= 0.25 act.
+
+Bin rules (one place, used by `common.profile` for the public source and by the bank's own
+training reference in `client.drift`): a numeric feature has up to 10 bins cut at the
+deciles of the reference's present values (repeated cut points merged, so a feature with a
+few distinct values has fewer bins), right-closed, plus one bin for missing values; a
+categorical feature has one bin per category of the schema's vocabulary, one for present
+values outside it (unseen) and one for missing values.
+"""
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+EMPTY_BIN_EPSILON = 1e-4
+WATCH_PSI = 0.1
+ACT_PSI = 0.25
+OK, WATCH, ACT = "ok", "watch", "act"
+VERDICTS = (OK, WATCH, ACT)
+QUANTILE_BINS = 10
+THRESHOLDS_TEXT = (
+    f"PSI < {WATCH_PSI:g} ok, {WATCH_PSI:g} <= PSI < {ACT_PSI:g} watch, PSI >= {ACT_PSI:g} act"
+)
+
+
+def psi(expected: Sequence[float] | np.ndarray, actual: Sequence[float] | np.ndarray) -> float:
+    """PSI of `actual` against `expected`: proportions (or counts) over the same bins."""
+    e = _proportions(np.asarray(expected, dtype=np.float64))
+    a = _proportions(np.asarray(actual, dtype=np.float64))
+    if e.shape != a.shape:
+        raise ValueError(f"PSI needs the same bins on both sides, got {e.shape} and {a.shape}")
+    e = np.maximum(e, EMPTY_BIN_EPSILON)
+    a = np.maximum(a, EMPTY_BIN_EPSILON)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def psi_verdict(value: float) -> str:
+    """ok / watch / act by the usual PSI thresholds; NaN (no rows yet) is ok."""
+    if not math.isfinite(value) or value < WATCH_PSI:
+        return OK
+    return WATCH if value < ACT_PSI else ACT
+
+
+def worst(verdicts: Sequence[str]) -> str:
+    """The most serious verdict of several (ok when there are none)."""
+    return max(verdicts, key=VERDICTS.index, default=OK)
+
+
+def quantile_edges(values: np.ndarray, bins: int = QUANTILE_BINS) -> tuple[float, ...]:
+    """Interior cut points at the reference's quantiles, repeats merged (at most bins - 1)."""
+    present = values[~np.isnan(values)]
+    if present.size == 0:
+        return ()
+    cuts = np.quantile(present, np.linspace(0, 1, bins + 1)[1:-1])
+    edges = np.unique(cuts)
+    edges = edges[edges < present.max()]  # a cut at the maximum would leave its top bin empty
+    return tuple(float(e) for e in edges)
+
+
+def numeric_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
+    """Counts per bin: len(edges) + 1 right-closed bins of present values, then missing."""
+    missing = np.isnan(values)
+    present = values[~missing]
+    index = np.searchsorted(np.asarray(edges, dtype=np.float64), present, side="left")
+    counts = np.bincount(index, minlength=len(edges) + 1).astype(np.int64)
+    return np.append(counts, int(missing.sum()))
+
+
+def categorical_counts(codes: np.ndarray, categories: int) -> np.ndarray:
+    """Counts per bin from codes: 0..categories-1 a category, -1 unseen, -2 missing."""
+    index = np.where(codes == -1, categories, np.where(codes == -2, categories + 1, codes))
+    return np.bincount(index.astype(np.int64), minlength=categories + 2).astype(np.int64)
+
+
+def _proportions(counts: np.ndarray) -> np.ndarray:
+    total = counts.sum()
+    return counts / total if total > 0 else np.zeros_like(counts)
