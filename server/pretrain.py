@@ -31,7 +31,7 @@ from fedfin.common.errors import ConfigError, DataError
 from fedfin.common.metrics import credit_metrics
 from fedfin.common.model import CreditModel, build_model
 from fedfin.common.partition import split_train_test
-from fedfin.common.profile import PUBLIC_PROFILE_FILE, fit_public_profile
+from fedfin.common.profile import PUBLIC_PROFILE_FILE, DataProfile, fit_public_profile
 from fedfin.common.schema import FeatureSchema
 from fedfin.common.shared_weights import shared_arrays
 from fedfin.common.tensors import as_dataset, predict_proba
@@ -136,6 +136,15 @@ def fit_public_schema(
         )
     fit_rows, _ = split_train_test(public, label, config.holdout_fraction, config.seed)
     return FeatureSchema.fit(fit_rows, label, positive_label, exclude=exclude, source=source)
+
+
+def public_profile(
+    public: pd.DataFrame, schema: FeatureSchema, config: PretrainConfig, source: str
+) -> DataProfile:
+    """The public profile `pretrain` saves (same fit rows as the schema), without training:
+    so a caller can check every bank's data against it before anything is written."""
+    fit_rows, _ = split_train_test(public, schema.label, config.holdout_fraction, config.seed)
+    return fit_public_profile(fit_rows, schema, source)
 
 
 def check_encoder_out(out: Path, provenance: dict[str, Any] | None) -> None:
