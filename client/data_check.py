@@ -31,6 +31,7 @@ from fedfin.common.psi import (
     VERDICTS,
     WATCH,
     categorical_counts,
+    categorical_psi,
     numeric_counts,
     psi,
     psi_verdict,
@@ -186,7 +187,7 @@ def _categorical_check(frame: pd.DataFrame, profile: Any) -> FeatureCheck:
     codes = category_codes(frame[profile.name], profile.categories)
     counts = categorical_counts(codes, len(profile.categories))
     unseen = float(np.mean(codes == -1))
-    value = psi(profile.proportions, counts)
+    value = categorical_psi(profile.proportions, counts)
     verdict, why = _verdict(value, unseen, "unseen")
     return FeatureCheck(
         name=profile.name,

@@ -45,6 +45,16 @@ class NumericProfile:
     def missing_rate(self) -> float:
         return self.proportions[-1]
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "NumericProfile":
+        return cls(
+            name=str(raw["name"]),
+            edges=tuple(float(e) for e in raw["edges"]),
+            proportions=tuple(float(p) for p in raw["proportions"]),
+            low=float(raw["low"]),
+            high=float(raw["high"]),
+        )
+
 
 @dataclass(frozen=True)
 class CategoricalProfile:
@@ -87,16 +97,7 @@ class DataProfile:
             fitted_on=str(raw["fitted_on"]),
             rows=int(raw["rows"]),
             label_rate=None if raw["label_rate"] is None else float(raw["label_rate"]),
-            numeric=tuple(
-                NumericProfile(
-                    name=f["name"],
-                    edges=tuple(float(e) for e in f["edges"]),
-                    proportions=tuple(float(p) for p in f["proportions"]),
-                    low=float(f["low"]),
-                    high=float(f["high"]),
-                )
-                for f in raw["numeric"]
-            ),
+            numeric=tuple(NumericProfile.from_dict(f) for f in raw["numeric"]),
             categorical=tuple(
                 CategoricalProfile(
                     name=f["name"],
@@ -135,6 +136,20 @@ def category_codes(column: pd.Series, categories: tuple[str, ...]) -> np.ndarray
     return result.astype(np.int64)
 
 
+def numeric_profile(name: str, values: np.ndarray) -> NumericProfile:
+    """Decile bins, missing share and public range of one column of numbers (NaN missing)."""
+    edges = quantile_edges(values)
+    present = values[~np.isnan(values)]
+    low, high = np.quantile(present, RANGE_QUANTILES) if present.size else (np.nan, np.nan)
+    return NumericProfile(
+        name=name,
+        edges=edges,
+        proportions=_shares(numeric_counts(values, edges)),
+        low=float(low),
+        high=float(high),
+    )
+
+
 def fit_profile(
     frame: pd.DataFrame,
     schema: FeatureSchema,
@@ -143,21 +158,10 @@ def fit_profile(
     label_rate: float | None = None,
 ) -> DataProfile:
     """Profile `frame`'s features with the bin rule of common/psi.py."""
-    numeric = []
-    for feature in schema.numeric:
-        values = numeric_values(frame, feature.name, source)
-        edges = quantile_edges(values)
-        present = values[~np.isnan(values)]
-        low, high = np.quantile(present, RANGE_QUANTILES) if present.size else (np.nan, np.nan)
-        numeric.append(
-            NumericProfile(
-                name=feature.name,
-                edges=edges,
-                proportions=_shares(numeric_counts(values, edges)),
-                low=float(low),
-                high=float(high),
-            )
-        )
+    numeric = [
+        numeric_profile(feature.name, numeric_values(frame, feature.name, source))
+        for feature in schema.numeric
+    ]
     categorical = []
     for cat in schema.categorical:
         codes = category_codes(frame[cat.name], cat.vocabulary)
