@@ -43,10 +43,12 @@ def psi(expected: Sequence[float] | np.ndarray, actual: Sequence[float] | np.nda
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def category_groups(shares: Sequence[float], bins: int = QUANTILE_BINS) -> np.ndarray:
+def category_groups(
+    reference: Sequence[float] | np.ndarray, bins: int = QUANTILE_BINS
+) -> np.ndarray:
     """A group number per category: consecutive categories merged until each group holds at
     least 1/bins of the reference; a small last group joins the one before it."""
-    shares = np.asarray(shares, dtype=np.float64)
+    shares = np.asarray(reference, dtype=np.float64)
     target = shares.sum() / bins
     groups = np.zeros(len(shares), dtype=np.int64)
     group, held = 0, 0.0
