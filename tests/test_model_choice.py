@@ -38,8 +38,7 @@ from fedfin.common.checkpoint import (
 from fedfin.common.config import PrivacyPolicy
 from fedfin.common.ledger import PrivacyLedger
 from fedfin.common.tensors import predict_logits
-from tests.conftest import Pretrained, write_bank_data
-from tests.test_scoring import run_bank_command
+from tests.conftest import Pretrained, run_bank_command, write_bank_data
 
 SPLIT_KEY = bytes(range(32))  # a fixed split key: the same validation rows on every run
 

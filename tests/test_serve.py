@@ -17,9 +17,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from fedfin.client.scoring import Scorer
-from tests.conftest import Pretrained
+from tests.conftest import Pretrained, TrainedBank, trained_bank
 from tests.harness.processes import started
-from tests.test_scoring import TrainedBank, trained_bank
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.1
