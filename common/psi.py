@@ -47,7 +47,7 @@ def category_groups(
     reference: Sequence[float] | np.ndarray, bins: int = QUANTILE_BINS
 ) -> np.ndarray:
     """A group number per category: consecutive categories merged until each group holds at
-    least 1/bins of the reference; a small last group joins the one before it."""
+    least 1/bins of the reference; a last group short of that joins the one before it."""
     shares = np.asarray(reference, dtype=np.float64)
     target = shares.sum() / bins
     groups = np.zeros(len(shares), dtype=np.int64)
@@ -57,7 +57,7 @@ def category_groups(
         held += share
         if held >= target and i < len(shares) - 1:
             group, held = group + 1, 0.0
-    if len(shares) and held < target / 2 and group > 0:
+    if len(shares) and held < target and group > 0:
         groups[groups == group] = group - 1
     return groups
 

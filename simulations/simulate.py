@@ -46,7 +46,7 @@ from fedfin.common.errors import CheckpointError, ConfigError, FedfinError, Priv
 from fedfin.common.ledger import PrivacyLedger
 from fedfin.common.metrics import credit_metrics
 from fedfin.common.partition import FederatedSplit
-from fedfin.common.profile import load_public_profile
+from fedfin.common.profile import DataProfile, load_public_profile
 from fedfin.common.schema import FeatureSchema
 from fedfin.common.sources import DataSource
 from fedfin.common.tensors import predict_proba
@@ -464,8 +464,8 @@ def _log_data_checks(
     public_source: str,
     echo: Any,
 ) -> None:
-    """Each bank's `fedfin check-data` line before round 1: the simulator plays every bank,
-    and each one's check stays its own (it is printed, never sent)."""
+    """Each bank's `fedfin check-data` line before round 1, against the public profile that
+    pretraining will save (or the one beside --encoder)."""
     if must_pretrain:
         profile = public_profile(split.public, schema, request.pretrain, public_source)
     else:
@@ -474,10 +474,21 @@ def _log_data_checks(
         except CheckpointError as exc:
             echo(f"data check skipped: {exc}")
             return
+    for line in bank_check_lines(split, schema, profile):
+        echo(line)
+
+
+def bank_check_lines(
+    split: FederatedSplit, schema: FeatureSchema, profile: DataProfile
+) -> list[str]:
+    """One data-check line per bank (its train and test rows together). The simulator plays
+    every bank; each bank's check is its own, printed and never sent."""
+    lines = []
     for bank in split.banks:
         frame = pd.concat([bank.train, bank.test], ignore_index=True)
         check = check_frame(frame, schema, profile, bank.name, label=schema.label)
-        echo(f"{bank.name}: {check.summary_line()}")
+        lines.append(f"{bank.name}: {check.summary_line()}")
+    return lines
 
 
 def _refuse_spent_budgets(out: Path, split: FederatedSplit, policy: PrivacyPolicy) -> None:
