@@ -8,6 +8,7 @@ the unshifted data is the bank's own held-out rows, or public rows the profile n
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fedfin.client.bank_settings import BankSettings
-from fedfin.client.data_check import check_frame
+from fedfin.client.data_check import check_frame, check_table
 from fedfin.client.drift import (
     MIN_ROWS,
     DriftMonitor,
@@ -26,7 +27,7 @@ from fedfin.client.drift import (
     write_drift_reference,
 )
 from fedfin.client.runner_cli import _log_data_check
-from fedfin.client.runner_config import RunnerConfig
+from fedfin.client.runner_config import RunnerConfig, load_runner_config
 from fedfin.client.scoring import Scorer
 from fedfin.client.serve import create_app
 from fedfin.common.checkpoint import EncoderCheckpoint
@@ -38,6 +39,7 @@ from fedfin.common.schema import FeatureSchema
 from fedfin.simulations.cli import main
 from fedfin.simulations.simulate import bank_check_lines
 from tests.conftest import Pretrained, TrainedBank, run_bank_command
+from tests.harness.bank_runner_deployment import runner_config_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOW_GRADES = ("D", "E", "F", "G")
@@ -147,6 +149,9 @@ def test_another_grade_mix_is_flagged_act_on_sub_grade_and_int_rate(
     assert check.verdict == "act"
     assert {f.name for f in check.worst_features(2)} == {"sub_grade", "int_rate"}
     assert check.summary_line().startswith("data check ACT: 400 rows; worst: ")
+    table = check_table(check)
+    assert "PSI < 0.1 ok, 0.1 <= PSI < 0.25 watch, PSI >= 0.25 act" in table
+    assert re.search(r"^sub_grade +categorical .* act$", table, re.MULTILINE)
 
 
 def test_values_the_public_pool_never_had_are_flagged_even_where_psi_is_low(
@@ -183,6 +188,20 @@ def test_simulate_and_the_runner_log_each_banks_check_before_any_round(
     _bank_rows(pretrained, 0).to_csv(data, index=False)
     bank = BankSettings("bank-00", data, tmp_path / "state", PrivacyPolicy())
     config = RunnerConfig(tmp_path / "runner.toml", "127.0.0.1:9094", (), bank)
+    text = runner_config_text(
+        9094,
+        None,
+        [("a/b", "1", "0" * 64)],
+        {"bank-name": "bank-00", "data-path": str(data), "state-dir": "state"},
+    )
+    (tmp_path / "runner.toml").write_text(
+        text.replace(
+            "[[runner.allow]]",
+            f'public-encoder = "{pretrained.checkpoint_dir}"\n\n[[runner.allow]]',
+        )
+    )
+    read = load_runner_config(tmp_path / "runner.toml")
+    assert read.public_encoder == pretrained.checkpoint_dir
     with caplog.at_level(logging.INFO, logger="fedfin.runner"):
         _log_data_check(config)
         _log_data_check(replace(config, public_encoder=pretrained.checkpoint_dir))

@@ -121,6 +121,14 @@ def test_health_says_which_model_is_served(server: Server) -> None:
     assert body["explain"] is True
 
 
+def test_drift_without_a_reference_says_why_and_scoring_goes_on(server: Server) -> None:
+    """The real command on a bank that never ran choose-model: nothing to watch against."""
+    status, body = request(server.port, "GET", "/drift")
+
+    assert status == 200
+    assert body["watching"] is False and "fedfin choose-model" in body["note"]
+
+
 def test_score_over_http_is_the_in_process_score_with_a_decision(server: Server) -> None:
     for row in range(0, 40, 4):
         application = _application(server, row)
