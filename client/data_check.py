@@ -20,14 +20,18 @@ import pandas as pd
 
 from fedfin.common.errors import DataError
 from fedfin.common.profile import (
+    CategoricalProfile,
     DataProfile,
+    NumericProfile,
     category_codes,
     numeric_values,
 )
 from fedfin.common.psi import (
     ACT,
+    MISSING_CODE,
     OK,
     THRESHOLDS_TEXT,
+    UNSEEN_CODE,
     VERDICTS,
     WATCH,
     categorical_counts,
@@ -159,7 +163,7 @@ def check_frame(
     )
 
 
-def _numeric_check(frame: pd.DataFrame, profile: Any, source: str) -> FeatureCheck:
+def _numeric_check(frame: pd.DataFrame, profile: NumericProfile, source: str) -> FeatureCheck:
     values = numeric_values(frame, profile.name, source)
     if np.isinf(values).any():
         raise DataError(f"{source}: column '{profile.name}' contains Inf")
@@ -183,16 +187,16 @@ def _numeric_check(frame: pd.DataFrame, profile: Any, source: str) -> FeatureChe
     )
 
 
-def _categorical_check(frame: pd.DataFrame, profile: Any) -> FeatureCheck:
+def _categorical_check(frame: pd.DataFrame, profile: CategoricalProfile) -> FeatureCheck:
     codes = category_codes(frame[profile.name], profile.categories)
     counts = categorical_counts(codes, len(profile.categories))
-    unseen = float(np.mean(codes == -1))
+    unseen = float(np.mean(codes == UNSEEN_CODE))
     value = categorical_psi(profile.proportions, counts)
     verdict, why = _verdict(value, unseen, "unseen")
     return FeatureCheck(
         name=profile.name,
         kind="categorical",
-        missing_rate=float(np.mean(codes == -2)),
+        missing_rate=float(np.mean(codes == MISSING_CODE)),
         public_missing_rate=profile.missing_rate,
         out_of_range=None,
         unseen=unseen,

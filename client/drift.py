@@ -28,8 +28,6 @@ import pandas as pd
 from fedfin.common.cells import MISSING_WORDS
 from fedfin.common.errors import CheckpointError
 from fedfin.common.profile import (
-    MISSING_CODE,
-    UNSEEN_CODE,
     DataProfile,
     NumericProfile,
     category_codes,
@@ -38,8 +36,10 @@ from fedfin.common.profile import (
     numeric_values,
 )
 from fedfin.common.psi import (
+    MISSING_CODE,
     OK,
     THRESHOLDS_TEXT,
+    UNSEEN_CODE,
     VERDICTS,
     categorical_counts,
     categorical_psi,

@@ -22,13 +22,18 @@ import pandas as pd
 
 from fedfin.common.cells import MISSING_WORDS, category_text
 from fedfin.common.errors import CheckpointError
-from fedfin.common.psi import categorical_counts, numeric_counts, quantile_edges
+from fedfin.common.psi import (
+    MISSING_CODE,
+    UNSEEN_CODE,
+    categorical_counts,
+    numeric_counts,
+    quantile_edges,
+)
 from fedfin.common.schema import FeatureSchema, _as_numeric
 
 PUBLIC_PROFILE_FILE = "public_profile.json"
 PROFILE_VERSION = 1
 RANGE_QUANTILES = (0.005, 0.995)
-UNSEEN_CODE, MISSING_CODE = -1, -2
 
 
 @dataclass(frozen=True)

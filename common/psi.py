@@ -27,6 +27,7 @@ ACT_PSI = 0.25
 OK, WATCH, ACT = "ok", "watch", "act"
 VERDICTS = (OK, WATCH, ACT)
 QUANTILE_BINS = 10
+UNSEEN_CODE, MISSING_CODE = -1, -2  # category codes of values outside the vocabulary, missing
 THRESHOLDS_TEXT = (
     f"PSI < {WATCH_PSI:g} ok, {WATCH_PSI:g} <= PSI < {ACT_PSI:g} watch, PSI >= {ACT_PSI:g} act"
 )
@@ -111,8 +112,10 @@ def numeric_counts(values: np.ndarray, edges: Sequence[float] | np.ndarray) -> n
 
 
 def categorical_counts(codes: np.ndarray, categories: int) -> np.ndarray:
-    """Counts per bin from codes: 0..categories-1 a category, -1 unseen, -2 missing."""
-    index = np.where(codes == -1, categories, np.where(codes == -2, categories + 1, codes))
+    """Counts per bin from codes: 0..categories-1 a category, then unseen, then missing."""
+    index = np.where(
+        codes == UNSEEN_CODE, categories, np.where(codes == MISSING_CODE, categories + 1, codes)
+    )
     return np.bincount(index.astype(np.int64), minlength=categories + 2).astype(np.int64)
 
 
