@@ -169,7 +169,8 @@ class FeatureSchema:
             extra = [
                 str(c)
                 for c in frame.columns
-                if str(c) not in known and not _is_identifier(str(c), frame[c], source)
+                if str(c) not in known
+                and not _is_identifier(str(c), frame[c], source)
             ]
             if extra:
                 raise DataError(
