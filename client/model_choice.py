@@ -20,6 +20,8 @@ are used for neither, only to report.
 
 All of it happens inside the bank and is written to its state directory only:
     serving.json        the choice, both models' validation and test metrics, the calibration
+    drift-reference.json  the served model's scores and the features of the bank's non-test
+                        rows, binned: what `fedfin serve`/`score` watch drift against
     reliability.png     predicted default probability against the observed rate, test rows
     evaluations.jsonl   one "serving-choice" record (the bank's local report)
 Nothing here is released, so nothing is charged; if any of it (a metric, the calibration)
@@ -167,6 +169,11 @@ def choose_served_model(
     write_json_atomically(state.dir / SERVING_FILE, record)
     write_reliability_plot(state.dir / RELIABILITY_PLOT, reliability, settings.name, served)
     state.append_evaluation({"kind": SERVING_CHOICE, **_without(record, "reliability_test")})
+    from fedfin.client.drift import write_drift_reference  # it loads the model served now
+
+    write_drift_reference(
+        settings.state_dir, federated_dir, settings.data_path, settings.test_fraction
+    )
     return record
 
 

@@ -11,10 +11,13 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedfin.common.errors import ConfigError
 from fedfin.common.logs import log_like_flower
+
+if TYPE_CHECKING:
+    from fedfin.client.runner_config import RunnerConfig
 
 log = logging.getLogger("fedfin.runner")
 
@@ -61,12 +64,35 @@ def _run_bank_runner(args: argparse.Namespace) -> int:
         " (SuperExec auth)" if secret else "",
         allowed,
     )
+    _log_data_check(config)
     try:
         BankRunner(config, app, api).serve_forever(stop)
     finally:
         api.close()
     log.info("bank runner for %s stopped", bank.name)
     return 0
+
+
+def _log_data_check(config: "RunnerConfig") -> None:
+    """`fedfin check-data`'s one-line summary of the bank's data against the public profile,
+    before any task: logged here only, never sent. Needs [runner] public-encoder."""
+    from fedfin.client.data_check import check_bank_data
+    from fedfin.common.errors import FedfinError
+
+    bank = config.bank
+    if config.public_encoder is None:
+        log.info(
+            "data check skipped: no [runner] public-encoder in %s (run `fedfin check-data`)",
+            config.path,
+        )
+        return
+    try:
+        check = check_bank_data(config.public_encoder, bank.data_path)
+    except FedfinError as exc:
+        log.warning("data check of %s failed: %s", bank.name, exc)
+        return
+    level = logging.INFO if check.verdict == "ok" else logging.WARNING
+    log.log(level, "%s: %s", bank.name, check.summary_line())
 
 
 def _run_app_hash(args: argparse.Namespace) -> int:

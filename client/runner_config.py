@@ -9,6 +9,8 @@ allow-list or the budget. Every problem is one `ConfigError` naming the file and
     [runner]
     runtime-api = "127.0.0.1:9094"            # flower-supernode --isolation process --port
     superexec-auth-secret-file = "exec.secret" # optional: flower-supernode's same flag
+    public-encoder = "/srv/bank/pretrained"   # optional: the pretrained checkpoint the bank
+                                              # checked; its data is checked against it at start
     [[runner.allow]]                          # one entry per app the bank accepts
     app = "fedfin/fedfin"
     version = "0.1.0"
@@ -41,6 +43,7 @@ _RUNNER_KEYS = frozenset(
         "runtime-root-certificates",
         "poll-interval",
         "torch-threads",
+        "public-encoder",
         "allow",
     }
 )
@@ -66,6 +69,7 @@ class RunnerConfig:
     root_certificates: Path | None = None
     poll_seconds: float = DEFAULT_POLL_SECONDS
     torch_threads: int | None = None
+    public_encoder: Path | None = None  # `fedfin check-data` against it when the runner starts
 
     def allows(self, app: AppIdentity) -> bool:
         """An app runs only if name, version and the hash of its bytes all match one entry."""
@@ -105,6 +109,7 @@ def load_runner_config(path: Path) -> RunnerConfig:
         root_certificates=root_certificates,
         poll_seconds=float(poll),
         torch_threads=threads,
+        public_encoder=_optional_path(path, runner, "public-encoder"),
     )
 
 

@@ -13,11 +13,16 @@ features imputed and any category the model never saw (scored as unknown, never 
 Each request adds one JSON line to the request log: time, request id, path, status, rows,
 the caller's own ids, model version and latency; no applicant data beyond those ids.
 
+`GET /drift` reports how far the applications scored since the service started, and their
+scores, are from the bank's training reference (client/drift.py): PSI and a verdict per
+feature and for the score; a threshold crossed is logged once as a warning on `fedfin.bank`.
+
 The service loads the model once, binds to loopback unless told otherwise, serves no web UI
 that would fetch scripts from elsewhere, and calls nothing.
 """
 
 import json
+import logging
 import re
 import sys
 import threading
@@ -33,6 +38,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
+from fedfin.client.drift import DriftMonitor
 from fedfin.client.explain import SPACE, Explainer
 from fedfin.client.scoring import (
     DECISION_COLUMN,
@@ -44,6 +50,7 @@ from fedfin.client.scoring import (
 )
 from fedfin.common.errors import DataError
 
+logger = logging.getLogger("fedfin.bank")
 MAX_BATCH = 1000
 ID_FIELD = "id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -105,8 +112,13 @@ def create_app(
     *,
     max_batch: int = MAX_BATCH,
     request_log: RequestLog | None = None,
+    drift: DriftMonitor | None = None,
+    drift_note: str = "",
 ) -> FastAPI:
-    """The service for one bank's model; `explainer` None leaves out /explain and reasons."""
+    """The service for one bank's model; `explainer` None leaves out /explain and reasons.
+
+    `drift` watches what /score scores against the bank's training reference; without one,
+    /drift says why (`drift_note`)."""
     application = application_model(scorer)
     version = str(scorer.card.get("model_version", "unknown"))
     log = request_log or RequestLog()
@@ -238,6 +250,12 @@ def create_app(
             "max_batch": max_batch,
         }
 
+    @app.get("/drift")
+    async def drift_report() -> dict[str, Any]:
+        if drift is None:
+            return {"watching": False, "note": drift_note, "model_version": version}
+        return {"watching": True, "model_version": version, **drift.report()}
+
     @app.exception_handler(DataError)
     async def invalid_data(request: Request, exc: DataError) -> JSONResponse:
         return await rejected(request, RequestRejected(str(exc)))
@@ -259,6 +277,10 @@ def create_app(
         ]
         request.state.rows = len(results)
         request.state.ids = [str(c) for _, c in applications if c is not None]
+        if drift is not None:
+            drift.add_rows([v for v, _ in applications], [r[PROBABILITY_COLUMN] for r in results])
+            for line in drift.new_warnings():
+                logger.warning(line)
         head = {"request_id": request.state.request_id, "model_version": version}
         return {**head, "results": results} if batch else {**head, **results[0]}
 

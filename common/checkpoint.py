@@ -6,6 +6,8 @@ Layout of a checkpoint directory:
     model.json    model config, schema fingerprint and provenance
     source_head.npz  (a pretrained checkpoint) the public source head: encoder + this head
                   is the public model
+    public_profile.json  (a pretrained checkpoint) binned distribution of each feature on the
+                  public rows, for PSI and range checks (common/profile.py)
 All files are written atomically; the schema fingerprint ties weights to their schema.
 """
 

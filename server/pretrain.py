@@ -31,12 +31,20 @@ from fedfin.common.errors import ConfigError, DataError
 from fedfin.common.metrics import credit_metrics
 from fedfin.common.model import CreditModel, build_model
 from fedfin.common.partition import split_train_test
+from fedfin.common.profile import PUBLIC_PROFILE_FILE, DataProfile, fit_public_profile
 from fedfin.common.schema import FeatureSchema
 from fedfin.common.shared_weights import shared_arrays
 from fedfin.common.tensors import as_dataset, predict_proba
 
 METRICS_FILE = "pretrain_metrics.json"
-CHECKPOINT_FILES = (ENCODER_FILE, SCHEMA_FILE, MODEL_FILE, SOURCE_HEAD_FILE, METRICS_FILE)
+CHECKPOINT_FILES = (
+    ENCODER_FILE,
+    SCHEMA_FILE,
+    MODEL_FILE,
+    SOURCE_HEAD_FILE,
+    METRICS_FILE,
+    PUBLIC_PROFILE_FILE,
+)
 _MIN_PUBLIC_ROWS = 50
 
 
@@ -69,6 +77,7 @@ def pretrain(
     fit_rows, holdout_rows = split_train_test(public, label, config.holdout_fraction, config.seed)
     schema = fit_public_schema(public, label, positive_label, config, exclude, source)
     fit = schema.transform(fit_rows, source)
+    profile = fit_public_profile(fit_rows, schema, source)  # public data: it ships with the encoder
     holdout = schema.transform(holdout_rows, source)
 
     torch.manual_seed(config.seed)
@@ -105,6 +114,7 @@ def pretrain(
         )
         write_atomically(directory / SOURCE_HEAD_FILE, write_head)
         write_json_atomically(directory / METRICS_FILE, metrics)
+        profile.save(directory / PUBLIC_PROFILE_FILE)
 
     replace_directory(out, write_checkpoint)
     return PretrainResult(directory=out, metrics=metrics)
@@ -126,6 +136,15 @@ def fit_public_schema(
         )
     fit_rows, _ = split_train_test(public, label, config.holdout_fraction, config.seed)
     return FeatureSchema.fit(fit_rows, label, positive_label, exclude=exclude, source=source)
+
+
+def public_profile(
+    public: pd.DataFrame, schema: FeatureSchema, config: PretrainConfig, source: str
+) -> DataProfile:
+    """The public profile `pretrain` saves (same fit rows as the schema), without training:
+    so a caller can check every bank's data against it before anything is written."""
+    fit_rows, _ = split_train_test(public, schema.label, config.holdout_fraction, config.seed)
+    return fit_public_profile(fit_rows, schema, source)
 
 
 def check_encoder_out(out: Path, provenance: dict[str, Any] | None) -> None:

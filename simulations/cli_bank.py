@@ -94,7 +94,9 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
             "calibration on the bank's non-test rows, and write serving.json, reliability.png "
             "and a record in evaluations.jsonl to --state-dir. Use the bank's own data-path, "
             "test-fraction and validation-fraction (its node config): the split must be the one "
-            "it trained with. Nothing is sent; runs offline."
+            "it trained with. Also writes drift-reference.json (the served model's scores and "
+            "the features of the bank's non-test rows, binned), what serve and score watch "
+            "drift against. Nothing is sent; runs offline."
         ),
     )
     _add_model_flags(choose)
@@ -132,7 +134,9 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
             "and 'unseen_categories' (values the model never saw, scored as unknown) to --out, "
             "as CSV or Parquet by its suffix. An id and any other column are kept as they are. "
             "If --data has the label column, also print a reliability table and write "
-            "<out>-reliability.png. Runs offline."
+            "<out>-reliability.png. With the bank's drift reference (choose-model), print the "
+            "PSI of the table's features and scores against its training rows and write "
+            "<out>-drift.json. Runs offline."
         ),
     )
     _add_model_flags(score)
@@ -193,7 +197,7 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
 
     serve = commands.add_parser(
         "serve",
-        help="HTTP service inside the bank: POST /score, POST /explain, GET /health",
+        help="HTTP service inside the bank: POST /score, POST /explain, GET /health, GET /drift",
         description=(
             "Load the model once and serve it over HTTP (FastAPI on uvicorn). The body of "
             "/score is one application as a JSON object of feature: value, or a list of up to "
@@ -201,8 +205,11 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
             "every feature present (null or empty is imputed), an 'id' and other fields kept "
             "out of the model. Each answer carries the request id, the model version, reason "
             "codes, imputed features and unseen categories; bad input gets a 422 naming the "
-            "field. One JSON line per request goes to --request-log. Binds to 127.0.0.1 unless "
-            "--host says otherwise."
+            "field. One JSON line per request goes to --request-log. GET /drift gives the PSI "
+            "per feature and of the scores of every application scored since start against "
+            "the bank's training reference (drift-reference.json, written by choose-model), "
+            "with verdicts (PSI < 0.1 ok, < 0.25 watch, else act) from 200 rows on; a "
+            "threshold crossed is logged once. Binds to 127.0.0.1 unless --host says otherwise."
         ),
     )
     _add_model_flags(serve)
@@ -229,6 +236,47 @@ def add_bank_commands(commands: "argparse._SubParsersAction[Any]") -> None:
         "applicant data beyond the 'id' a caller sends",
     )
     serve.set_defaults(run=run_serve)
+
+    check = commands.add_parser(
+        "check-data",
+        help="bank: how far its data is from the public data, before any budget is spent",
+        description=(
+            "Inside the bank, before training: per feature the missing rate, the share out of "
+            "the public range (outside the public rows' 0.5%-99.5% quantiles), the share of "
+            "unseen categories and the PSI against the public profile saved beside the "
+            "pretrained encoder (decile bins, empty bins floored at 1e-4); the label rate if "
+            "the label column is there. Verdicts: PSI < 0.1 ok, < 0.25 watch, else act, raised "
+            "to watch (act) when 5% (25%) of a feature's values are out of range or unseen; "
+            "overall the worst. Prints a table (or JSON with --json) and writes data-check.json "
+            "and data-check.png to --out. Nothing is sent, nothing is charged; exit 0 whatever "
+            "the verdict, 2 for bad data or flags, 3 for a checkpoint without a public profile."
+        ),
+    )
+    check.add_argument(
+        "--encoder",
+        type=Path,
+        required=True,
+        help="the pretrained encoder checkpoint (with public_profile.json), e.g. RUN/pretrained",
+    )
+    check.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="the bank's data: a CSV/Parquet file or a data directory (train.* and test.*)",
+    )
+    check.add_argument(
+        "--label",
+        help="label column, for its default rate (default: the encoder schema's label, if "
+        "present in --data)",
+    )
+    check.add_argument(
+        "--out",
+        type=Path,
+        default=Path("data-check"),
+        help="directory for data-check.json and data-check.png",
+    )
+    check.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    check.set_defaults(run=run_check_data)
 
 
 def _set_threads(threads: int) -> None:
@@ -270,13 +318,19 @@ def run_choose_model(args: argparse.Namespace) -> int:
     )
     choose_served_model(settings, args.public_encoder, args.encoder)
     print(model_card_text(served_model(args.state_dir, args.encoder).card))
-    print(f"recorded in {args.state_dir} (serving.json, reliability.png, evaluations.jsonl)")
+    print(
+        f"recorded in {args.state_dir} (serving.json, reliability.png, evaluations.jsonl, "
+        "drift-reference.json)"
+    )
     return 0
 
 
 def run_score(args: argparse.Namespace) -> int:
+    import json
+
     import numpy as np
 
+    from fedfin.client.drift import drift_summary, table_drift
     from fedfin.client.model_choice import model_card_text, reliability_text, write_reliability_plot
     from fedfin.client.scoring import (
         IMPUTED_COLUMN,
@@ -285,6 +339,7 @@ def run_score(args: argparse.Namespace) -> int:
         Scorer,
         check_application_columns,
     )
+    from fedfin.common.atomic import write_atomically
     from fedfin.common.metrics import reliability_table
     from fedfin.common.tables import read_table
 
@@ -315,11 +370,22 @@ def run_score(args: argparse.Namespace) -> int:
         scored[REASONS_COLUMN] = [";".join(row) for row in codes]
     scored[IMPUTED_COLUMN] = [";".join(n.imputed) for n in notes]
     scored[UNSEEN_COLUMN] = [";".join(f"{k}={v}" for k, v in n.unseen_categories) for n in notes]
+    drift, reference_note = table_drift(args.state_dir, scorer, frame, probability, source)
+    drift_path = args.out.with_name(f"{args.out.stem}-drift.json")
     write_table(args.out, scored)
+    if drift is not None:
+        text = json.dumps(drift, indent=2) + "\n"
+        write_atomically(drift_path, lambda tmp: tmp.write_text(text))
     print(model_card_text(scorer.card))
     for line in notes_summary(notes, source):
         print(line)
     print(f"scored {len(frame)} applications ({summary}) -> {args.out}")
+    if drift is None:
+        print(f"drift: not watched: {reference_note}")
+    else:
+        for line in drift_summary(drift):
+            print(line)
+        print(f"drift summary -> {drift_path}")
     if observed is not None:  # outcomes known (a back-test): how well calibrated on these rows
         bins = reliability_table(observed, probability)
         plot = args.out.with_name(f"{args.out.stem}-reliability.png")
@@ -401,9 +467,40 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from fedfin.client.data_check import (
+        CHECK_JSON,
+        CHECK_PLOT,
+        check_bank_data,
+        check_table,
+        write_check_plot,
+    )
+    from fedfin.common.atomic import write_atomically
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    outputs = [args.out / CHECK_JSON, args.out / CHECK_PLOT]
+    if args.data.resolve() in {p.resolve() for p in outputs}:
+        raise ConfigError(f"--out {args.out}: would overwrite --data {args.data}")
+    check = check_bank_data(args.encoder, args.data, args.label)  # every error before writing
+    text = json.dumps(check.as_dict(), indent=2) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomically(outputs[0], lambda tmp: tmp.write_text(text))
+    write_check_plot(outputs[1], check)
+    if args.json:
+        print(text, end="")
+    else:
+        print(check_table(check))
+        print(f"json: {outputs[0]}; plot: {outputs[1]} (nothing was sent)")
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from fedfin.client.drift import DriftMonitor, load_drift_reference
     from fedfin.client.explain import Explainer
     from fedfin.client.model_choice import model_card_text
     from fedfin.client.scoring import Scorer
@@ -413,9 +510,20 @@ def run_serve(args: argparse.Namespace) -> int:
     scorer = Scorer.load(args.state_dir, args.encoder)
     print(model_card_text(scorer.card))
     explainer = None if args.no_explain else Explainer(scorer)
+    reference, note = load_drift_reference(args.state_dir, str(scorer.card.get("model_version")))
+    monitor = None if reference is None else DriftMonitor(reference)
+    print(f"drift: {'watched against ' if monitor else 'not watched: '}{note}")
     log = RequestLog(args.request_log)
-    app = create_app(scorer, explainer, args.threshold, max_batch=args.max_batch, request_log=log)
-    endpoints = "/score, /health" + ("" if args.no_explain else ", /explain")
+    app = create_app(
+        scorer,
+        explainer,
+        args.threshold,
+        max_batch=args.max_batch,
+        request_log=log,
+        drift=monitor,
+        drift_note=note,
+    )
+    endpoints = "/score, /health, /drift" + ("" if args.no_explain else ", /explain")
     where = args.request_log or "stderr"
     print(
         f"serving {endpoints} on http://{args.host}:{args.port}; request log: {where} "

@@ -32,23 +32,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from flwr.clientapp.typing import Mod
 
 from fedfin.client.bank_settings import BankSettings
 from fedfin.client.bank_state import BankState
+from fedfin.client.data_check import check_frame
 from fedfin.client.model_choice import choose_served_model
 from fedfin.common.atomic import write_json_atomically
 from fedfin.common.checkpoint import load_encoder_checkpoint, load_source_head
 from fedfin.common.config import FederationConfig, PretrainConfig, PrivacyPolicy, SplitConfig
-from fedfin.common.errors import ConfigError, FedfinError, PrivacyBudgetError
+from fedfin.common.errors import CheckpointError, ConfigError, FedfinError, PrivacyBudgetError
 from fedfin.common.ledger import PrivacyLedger
 from fedfin.common.metrics import credit_metrics
 from fedfin.common.partition import FederatedSplit
+from fedfin.common.profile import DataProfile, load_public_profile
 from fedfin.common.schema import FeatureSchema
 from fedfin.common.sources import DataSource
 from fedfin.common.tensors import predict_proba
 from fedfin.server.federation import FINAL_DIR
-from fedfin.server.pretrain import SOURCE_HEAD_FILE, fit_public_schema, pretrain
+from fedfin.server.pretrain import SOURCE_HEAD_FILE, fit_public_schema, pretrain, public_profile
 from fedfin.server.server_app import build_server_app
 from fedfin.simulations.simulated_banks import BANKS_DIR, SimulatedBanks, lay_out_banks
 
@@ -104,6 +107,7 @@ def simulate(request: SimulationRequest, echo: Any = print) -> dict[str, Any]:
     for note in schema.identifier_notes():
         echo(note)
     _validate_banks(split, schema)
+    _log_data_checks(split, schema, request, encoder_dir, must_pretrain, public_source, echo)
     _refuse_spent_budgets(out, split, request.policy)
     if must_pretrain:
         echo(f"pretraining the shared encoder on {len(split.public)} public rows ...")
@@ -449,6 +453,42 @@ def _validate_banks(split: FederatedSplit, schema: FeatureSchema) -> None:
         held = f" ({split.partition_by} = {', '.join(bank.groups)})" if bank.groups else ""
         for part, frame in (("train", bank.train), ("test", bank.test)):
             schema.validate(frame, f"{bank.name} {part}{held}")
+
+
+def _log_data_checks(
+    split: FederatedSplit,
+    schema: FeatureSchema,
+    request: SimulationRequest,
+    encoder_dir: Path,
+    must_pretrain: bool,
+    public_source: str,
+    echo: Any,
+) -> None:
+    """Each bank's `fedfin check-data` line before round 1, against the public profile that
+    pretraining will save (or the one beside --encoder)."""
+    if must_pretrain:
+        profile = public_profile(split.public, schema, request.pretrain, public_source)
+    else:
+        try:
+            profile = load_public_profile(encoder_dir, schema)
+        except CheckpointError as exc:
+            echo(f"data check skipped: {exc}")
+            return
+    for line in bank_check_lines(split, schema, profile):
+        echo(line)
+
+
+def bank_check_lines(
+    split: FederatedSplit, schema: FeatureSchema, profile: DataProfile
+) -> list[str]:
+    """One data-check line per bank (its train and test rows together). The simulator plays
+    every bank; each bank's check is its own, printed and never sent."""
+    lines = []
+    for bank in split.banks:
+        frame = pd.concat([bank.train, bank.test], ignore_index=True)
+        check = check_frame(frame, schema, profile, bank.name, label=schema.label)
+        lines.append(f"{bank.name}: {check.summary_line()}")
+    return lines
 
 
 def _refuse_spent_budgets(out: Path, split: FederatedSplit, policy: PrivacyPolicy) -> None:

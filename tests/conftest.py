@@ -1,15 +1,25 @@
-"""Shared fixtures: the built-in Lending Club data and one pretrained encoder per session."""
+"""Shared fixtures: the built-in Lending Club data, one pretrained encoder per session, and
+bank 0 after one real DP round (`bank`, `scorer`) for the scoring, serving and drift tests."""
 
+import argparse
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
+import pandas as pd
 import pytest
+import torch
 
+from fedfin.client.bank_settings import BankSettings
+from fedfin.client.bank_worker import train_round
+from fedfin.client.scoring import Scorer
 from fedfin.common.checkpoint import EncoderCheckpoint, load_encoder_checkpoint
-from fedfin.common.config import PretrainConfig, SplitConfig
+from fedfin.common.config import PretrainConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
 from fedfin.common.partition import FederatedSplit
+from fedfin.common.protocol import RoundInstructions
 from fedfin.common.sources import DataSource, load_source
 from fedfin.server.pretrain import PretrainResult, pretrain
+from fedfin.simulations.cli_bank import add_bank_commands
 
 
 class Pretrained(NamedTuple):
@@ -61,3 +71,51 @@ def write_bank_data(pretrained: Pretrained, index: int, directory: Path) -> Path
     bank.train.to_parquet(directory / "train.parquet")
     bank.test.to_parquet(directory / "test.parquet")
     return directory
+
+
+class TrainedBank(NamedTuple):
+    """A bank's state dir with its private head, the encoder it goes with, unseen rows."""
+
+    state_dir: Path
+    encoder_dir: Path
+    applications: pd.DataFrame  # the bank's test split, label and all
+
+
+def trained_bank(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> TrainedBank:
+    """Bank 0 after one DP round (train_round, as in a federation); made once per session."""
+    root = tmp_path_factory.getbasetemp() / "scoring-bank-00"
+    bank = pretrained.split.banks[0]
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        data = write_bank_data(pretrained, 0, root / "data")
+        checkpoint = load_encoder_checkpoint(pretrained.checkpoint_dir)
+        settings = BankSettings("bank-00", data, root / "state", PrivacyPolicy(epsilon_budget=1.0))
+        instructions = RoundInstructions(
+            1, 1, TrainPlanConfig(), checkpoint.schema, checkpoint.model_config
+        )
+        train_round(settings, instructions, checkpoint.arrays, None, run_id=1)
+        (root / "done").touch()
+    return TrainedBank(root / "state", pretrained.checkpoint_dir, bank.test.reset_index(drop=True))
+
+
+def run_bank_command(*argv: str | Path) -> int:
+    """Parse and run one of `score`/`explain`/`serve` as the fedfin CLI will."""
+    parser = argparse.ArgumentParser(prog="fedfin")
+    add_bank_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([str(a) for a in argv])
+    threads = torch.get_num_threads()
+    try:
+        code: int = args.run(args)
+        return code
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bank(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> TrainedBank:
+    return trained_bank(pretrained, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def scorer(bank: TrainedBank) -> Scorer:
+    return Scorer.load(bank.state_dir, bank.encoder_dir)

@@ -218,6 +218,40 @@ def _broken_ledger(ws: Workspace) -> Path:
     return ws.state
 
 
+def _check_data(
+    data: Callable[[Workspace], Path] | None = None,
+    *extra: str,
+    encoder: Callable[[Workspace], Path] | None = None,
+) -> Callable[[Workspace], list[str]]:
+    """`fedfin check-data` on the bank's data (or `data`), writing beside the workspace."""
+
+    def argv(ws: Workspace) -> list[str]:
+        return [
+            "check-data",
+            "--encoder",
+            str(encoder(ws) if encoder else ws.encoder),
+            "--data",
+            str(data(ws) if data else ws.data),
+            "--out",
+            str(ws.root / "check"),
+            *extra,
+        ]
+
+    return argv
+
+
+def _encoder_without_profile(ws: Workspace) -> Path:
+    """An encoder pretrained before fedfin kept the public profile."""
+    older = ws.root / "older-encoder"
+    shutil.copytree(ws.encoder, older)
+    (older / "public_profile.json").unlink()
+    return older
+
+
+def _bank_table(ws: Workspace, change: Callable[[pd.DataFrame], pd.DataFrame]) -> Path:
+    return _write(ws, "bank.csv", change(pd.read_parquet(ws.data / "train.parquet")))
+
+
 # (name, argv builder, expected exit code, words the one line must contain)
 CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], int, str]] = [
     ("missing file", _pretrain("/no/such/loans.csv"), 2, "file not found"),
@@ -482,6 +516,43 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], int, str]] = [
         lambda ws: ["split", *_data_flags(_public_parquet(ws)), "--out", str(ws.root)],
         2,
         "would overwrite the --data file",
+    ),
+    (
+        "check-data: encoder without a public profile",
+        _check_data(encoder=_encoder_without_profile),
+        3,
+        "no public_profile.json",
+    ),
+    (
+        "check-data: a feature column missing",
+        _check_data(lambda ws: _bank_table(ws, lambda f: f.drop(columns=["term"]))),
+        2,
+        "feature column 'term' is missing",
+    ),
+    (
+        "check-data: words in a numeric column",
+        _check_data(
+            lambda ws: _bank_table(
+                ws,
+                lambda f: f.astype({"int_rate": object}).assign(
+                    int_rate=lambda g: g["int_rate"].where(g.index != 3, "high")
+                ),
+            )
+        ),
+        2,
+        "'int_rate'",
+    ),
+    (
+        "check-data: --label not in the data",
+        _check_data(None, "--label", "defaulted"),
+        2,
+        "--label column 'defaulted' is missing",
+    ),
+    (
+        "check-data: --out is a file",
+        lambda ws: [*_check_data()(ws)[:-2], "--out", str(ws.loans)],
+        2,
+        "exists and is not a directory",
     ),
     (
         "key that already exists",

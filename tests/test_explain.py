@@ -10,20 +10,9 @@ import pytest
 from fedfin.client.explain import Explainer, reasons_table
 from fedfin.client.scoring import Scorer
 from fedfin.common.errors import ConfigError
-from tests.conftest import Pretrained
-from tests.test_scoring import TrainedBank, run_bank_command, trained_bank
+from tests.conftest import TrainedBank, run_bank_command
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def bank(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> TrainedBank:
-    return trained_bank(pretrained, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def scorer(bank: TrainedBank) -> Scorer:
-    return Scorer.load(bank.state_dir, bank.encoder_dir)
 
 
 @pytest.fixture(scope="module")

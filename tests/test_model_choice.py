@@ -19,6 +19,7 @@ import torch
 from fedfin.client.bank_data import BankSplits, load_bank_splits
 from fedfin.client.bank_settings import BankSettings
 from fedfin.client.bank_state import BankState
+from fedfin.client.drift import load_drift_reference
 from fedfin.client.model_choice import (
     FEDERATED,
     PUBLIC,
@@ -38,8 +39,7 @@ from fedfin.common.checkpoint import (
 from fedfin.common.config import PrivacyPolicy
 from fedfin.common.ledger import PrivacyLedger
 from fedfin.common.tensors import predict_logits
-from tests.conftest import Pretrained, write_bank_data
-from tests.test_scoring import run_bank_command
+from tests.conftest import Pretrained, run_bank_command, write_bank_data
 
 SPLIT_KEY = bytes(range(32))  # a fixed split key: the same validation rows on every run
 
@@ -193,6 +193,8 @@ def test_the_federated_model_is_served_when_its_validation_auc_is_higher_and_cal
     assert scorer.score_one(_test_frame(bank).iloc[0].to_dict()) == pytest.approx(
         served[0], abs=1e-6
     )  # the one-row path is calibrated too
+    reference, _ = load_drift_reference(bank.settings.state_dir, scorer.card["model_version"])
+    assert reference is not None  # the drift reference is made with the served, calibrated model
 
 
 def test_the_choice_is_recorded_in_the_banks_local_report_and_charges_nothing(

@@ -72,6 +72,7 @@ def test_pretraining_writes_the_checkpoint_metrics_and_source_head(
         "model.json",
         "pretrain_metrics.json",
         "source_head.npz",
+        "public_profile.json",  # public statistics only: bins of the schema's public fit rows
     }
 
 

@@ -1,81 +1,24 @@
 """Scoring inside the bank: the fast path gives the schema's and the model's answer, quickly.
 
-`trained_bank` (bank 0 after one real DP round) is shared with test_explain and test_serve.
+`bank` and `scorer` (bank 0 after one real DP round) come from tests/conftest.py.
 """
 
-import argparse
 import math
 import re
-import shutil
 import socket
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from fedfin.client.bank_settings import BankSettings
-from fedfin.client.bank_worker import train_round
 from fedfin.client.scoring import Scorer
-from fedfin.common.checkpoint import load_encoder_checkpoint
-from fedfin.common.config import ModelConfig, PrivacyPolicy, TrainPlanConfig
+from fedfin.common.config import ModelConfig
 from fedfin.common.errors import CheckpointError, ConfigError, DataError, FedfinError
 from fedfin.common.model import build_model
-from fedfin.common.protocol import RoundInstructions
 from fedfin.common.tensors import predict_proba
-from fedfin.simulations.cli_bank import add_bank_commands
-from tests.conftest import Pretrained, write_bank_data
-
-
-class TrainedBank(NamedTuple):
-    """A bank's state dir with its private head, the encoder it goes with, unseen rows."""
-
-    state_dir: Path
-    encoder_dir: Path
-    applications: pd.DataFrame  # the bank's test split, label and all
-
-
-def trained_bank(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> TrainedBank:
-    """Bank 0 after one DP round (train_round, as in a federation); made once per session."""
-    root = tmp_path_factory.getbasetemp() / "scoring-bank-00"
-    bank = pretrained.split.banks[0]
-    if not (root / "done").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        data = write_bank_data(pretrained, 0, root / "data")
-        checkpoint = load_encoder_checkpoint(pretrained.checkpoint_dir)
-        settings = BankSettings("bank-00", data, root / "state", PrivacyPolicy(epsilon_budget=1.0))
-        instructions = RoundInstructions(
-            1, 1, TrainPlanConfig(), checkpoint.schema, checkpoint.model_config
-        )
-        train_round(settings, instructions, checkpoint.arrays, None, run_id=1)
-        (root / "done").touch()
-    return TrainedBank(root / "state", pretrained.checkpoint_dir, bank.test.reset_index(drop=True))
-
-
-def run_bank_command(*argv: str | Path) -> int:
-    """Parse and run one of `score`/`explain`/`serve` as the fedfin CLI will."""
-    parser = argparse.ArgumentParser(prog="fedfin")
-    add_bank_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    threads = torch.get_num_threads()
-    try:
-        code: int = args.run(args)
-        return code
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bank(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> TrainedBank:
-    return trained_bank(pretrained, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def scorer(bank: TrainedBank) -> Scorer:
-    return Scorer.load(bank.state_dir, bank.encoder_dir)
+from tests.conftest import TrainedBank, run_bank_command
 
 
 def _reference(scorer: Scorer, frame: pd.DataFrame) -> np.ndarray:

@@ -13,18 +13,7 @@ import pytest
 from fedfin.client.explain import Explainer
 from fedfin.client.scoring import Scorer
 from fedfin.common.errors import ConfigError, DataError
-from tests.conftest import Pretrained
-from tests.test_scoring import TrainedBank, run_bank_command, trained_bank
-
-
-@pytest.fixture(scope="module")
-def bank(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactory) -> TrainedBank:
-    return trained_bank(pretrained, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def scorer(bank: TrainedBank) -> Scorer:
-    return Scorer.load(bank.state_dir, bank.encoder_dir)
+from tests.conftest import TrainedBank, run_bank_command
 
 
 def _score(bank: TrainedBank, frame: pd.DataFrame, tmp_path: Path, *extra: str) -> pd.DataFrame:

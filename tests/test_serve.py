@@ -17,9 +17,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from fedfin.client.scoring import Scorer
-from tests.conftest import Pretrained
+from tests.conftest import Pretrained, TrainedBank, trained_bank
 from tests.harness.processes import started
-from tests.test_scoring import TrainedBank, trained_bank
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.1
@@ -120,6 +119,14 @@ def test_health_says_which_model_is_served(server: Server) -> None:
     assert body["features"] == list(server.scorer.feature_names)
     assert body["schema_fingerprint"] == server.scorer.schema.fingerprint
     assert body["explain"] is True
+
+
+def test_drift_without_a_reference_says_why_and_scoring_goes_on(server: Server) -> None:
+    """The real command on a bank that never ran choose-model: nothing to watch against."""
+    status, body = request(server.port, "GET", "/drift")
+
+    assert status == 200
+    assert body["watching"] is False and "fedfin choose-model" in body["note"]
 
 
 def test_score_over_http_is_the_in_process_score_with_a_decision(server: Server) -> None:
