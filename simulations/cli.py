@@ -790,7 +790,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        log_like_flower(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+        verbose = bool(getattr(args, "verbose", False))
+        # Verbose: Flower logs at DEBUG with the time on each line, and so does fedfin.
+        log_like_flower(logging.INFO if verbose else logging.WARNING, timestamps=verbose)
         return _run(args)
     finally:
         sys.stdout.flush()
