@@ -98,6 +98,29 @@ def trained_bank(pretrained: Pretrained, tmp_path_factory: pytest.TempPathFactor
     return TrainedBank(root / "state", pretrained.checkpoint_dir, bank.test.reset_index(drop=True))
 
 
+def bank_command(command: str, bank: TrainedBank, data: Path, out: Path) -> list[str | Path]:
+    """`score`/`explain` argv for a trained bank's state, encoder, input and output."""
+    return [
+        command,
+        "--state-dir",
+        bank.state_dir,
+        "--encoder",
+        bank.encoder_dir,
+        "--data",
+        data,
+        "--out",
+        out,
+    ]
+
+
+def score_table(bank: TrainedBank, frame: pd.DataFrame, tmp_path: Path, *extra: str) -> Path:
+    """`fedfin score` of `frame` (written as CSV) with the bank's served model; its output."""
+    data, out = tmp_path / "applications.csv", tmp_path / "scored.csv"
+    frame.to_csv(data, index=False)
+    assert run_bank_command(*bank_command("score", bank, data, out), *extra) == 0
+    return out
+
+
 def run_bank_command(*argv: str | Path) -> int:
     """Parse and run one of `score`/`explain`/`serve` as the fedfin CLI will."""
     parser = argparse.ArgumentParser(prog="fedfin")

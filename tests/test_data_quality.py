@@ -38,7 +38,7 @@ from fedfin.common.psi import category_groups, psi, psi_verdict
 from fedfin.common.schema import FeatureSchema
 from fedfin.simulations.cli import main
 from fedfin.simulations.simulate import bank_check_lines
-from tests.conftest import Pretrained, TrainedBank, run_bank_command
+from tests.conftest import Pretrained, TrainedBank, score_table
 from tests.harness.bank_runner_deployment import runner_config_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -222,24 +222,7 @@ def watched_bank(bank: TrainedBank, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _score(bank: TrainedBank, frame: pd.DataFrame, tmp_path: Path) -> dict[str, object]:
-    data, out = tmp_path / "applications.csv", tmp_path / "scored.csv"
-    frame.to_csv(data, index=False)
-    assert (
-        run_bank_command(
-            "score",
-            "--state-dir",
-            bank.state_dir,
-            "--encoder",
-            bank.encoder_dir,
-            "--data",
-            data,
-            "--out",
-            out,
-            "--reasons",
-            "0",
-        )
-        == 0
-    )
+    score_table(bank, frame, tmp_path, "--reasons", "0")
     report: dict[str, object] = json.loads((tmp_path / "scored-drift.json").read_text())
     return report
 

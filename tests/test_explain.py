@@ -10,7 +10,7 @@ import pytest
 from fedfin.client.explain import Explainer, reasons_table
 from fedfin.client.scoring import Scorer
 from fedfin.common.errors import ConfigError
-from tests.conftest import TrainedBank, run_bank_command
+from tests.conftest import TrainedBank, bank_command, run_bank_command
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -133,15 +133,7 @@ def test_explain_command_writes_reasons_and_global_importance_as_tables_and_char
     out = tmp_path / "explained"
 
     code = run_bank_command(
-        "explain",
-        "--state-dir",
-        bank.state_dir,
-        "--encoder",
-        bank.encoder_dir,
-        "--data",
-        data,
-        "--out",
-        out,
+        *bank_command("explain", bank, data, out),
         "--rows",
         "3",
         "11",

@@ -18,7 +18,7 @@ from fedfin.common.config import ModelConfig
 from fedfin.common.errors import CheckpointError, ConfigError, DataError, FedfinError
 from fedfin.common.model import build_model
 from fedfin.common.tensors import predict_proba
-from tests.conftest import TrainedBank, run_bank_command
+from tests.conftest import TrainedBank, bank_command, run_bank_command
 
 
 def _reference(scorer: Scorer, frame: pd.DataFrame) -> np.ndarray:
@@ -165,21 +165,8 @@ def test_scoring_needs_no_network(
     scorer.score_one(bank.applications.iloc[0].to_dict())
     scorer.score_frame(bank.applications)
     bank.applications.to_csv(tmp_path / "apps.csv", index=False)
-    assert run_bank_command(*_score_args(bank, tmp_path / "apps.csv", tmp_path / "out.csv")) == 0
-
-
-def _score_args(bank: TrainedBank, data: Path, out: Path) -> list[str | Path]:
-    return [
-        "score",
-        "--state-dir",
-        bank.state_dir,
-        "--encoder",
-        bank.encoder_dir,
-        "--data",
-        data,
-        "--out",
-        out,
-    ]
+    command = bank_command("score", bank, tmp_path / "apps.csv", tmp_path / "out.csv")
+    assert run_bank_command(*command) == 0
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -197,7 +184,7 @@ def test_score_command_writes_the_rows_with_probability_and_decision(
     else:
         bank.applications.to_parquet(data)
 
-    code = run_bank_command(*_score_args(bank, data, out), "--threshold", "0.05")
+    code = run_bank_command(*bank_command("score", bank, data, out), "--threshold", "0.05")
 
     scored = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
     assert code == 0

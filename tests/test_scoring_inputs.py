@@ -13,27 +13,11 @@ import pytest
 from fedfin.client.explain import Explainer
 from fedfin.client.scoring import Scorer
 from fedfin.common.errors import ConfigError, DataError
-from tests.conftest import TrainedBank, run_bank_command
+from tests.conftest import TrainedBank, run_bank_command, score_table
 
 
 def _score(bank: TrainedBank, frame: pd.DataFrame, tmp_path: Path, *extra: str) -> pd.DataFrame:
-    data, out = tmp_path / "applications.csv", tmp_path / "scored.csv"
-    frame.to_csv(data, index=False)
-    assert (
-        run_bank_command(
-            "score",
-            "--state-dir",
-            bank.state_dir,
-            "--encoder",
-            bank.encoder_dir,
-            "--data",
-            data,
-            "--out",
-            out,
-            *extra,
-        )
-        == 0
-    )
+    out = score_table(bank, frame, tmp_path, *extra)
     return pd.read_csv(out, keep_default_na=False)
 
 
