@@ -474,7 +474,7 @@ def _run_check_connection(args: argparse.Namespace) -> int:
 
 
 def _run_split(args: argparse.Namespace) -> int:
-    from fedfin.common.atomic import write_json_atomically
+    from fedfin.common.atomic import replace_directory, write_json_atomically
     from fedfin.common.config import SplitConfig
 
     source = _source_from(args)
@@ -486,21 +486,50 @@ def _run_split(args: argparse.Namespace) -> int:
     ]
     if source.path is not None and source.path in {p.resolve() for p in outputs}:
         raise ConfigError(f"--out {args.out}: would overwrite the --data file {source.path}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    _check_split_out(args.out)
     print(split.summary())
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(args.out / "placement.json", split.placement())
-    split.public.to_parquet(args.out / "public.parquet", index=False)
+
+    def write(directory: Path) -> None:
+        write_json_atomically(directory / "placement.json", split.placement())
+        split.public.to_parquet(directory / "public.parquet", index=False)
+        for bank in split.banks:
+            (directory / bank.name).mkdir()
+            bank.train.to_parquet(directory / bank.name / "train.parquet", index=False)
+            bank.test.to_parquet(directory / bank.name / "test.parquet", index=False)
+
+    replace_directory(args.out, write)  # all of it or, on any error, nothing changed
     for bank in split.banks:
-        (args.out / bank.name).mkdir(exist_ok=True)
-        bank.train.to_parquet(args.out / bank.name / "train.parquet", index=False)
-        bank.test.to_parquet(args.out / bank.name / "test.parquet", index=False)
         print(
             f"{bank.name}: {len(bank.train)} train / {len(bank.test)} test rows -> "
             f"{args.out / bank.name}"
         )
     return 0
+
+
+def _check_split_out(out: Path) -> None:
+    """`split --out` is a new or empty directory, or an earlier split's (then replaced)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
+    foreign = [
+        name
+        for name in present
+        if name not in ("placement.json", "public.parquet")
+        and not ((out / name).is_dir() and {p.name for p in (out / name).iterdir()} <= _BANK_FILES)
+    ]
+    if foreign or "placement.json" not in present:
+        foreign = foreign or present
+        raise ConfigError(
+            f"--out {out}: not empty (holds '{foreign[0]}'); split writes a new or empty "
+            "directory, or replaces an earlier split's"
+        )
+
+
+_BANK_FILES = {"train.parquet", "test.parquet"}
 
 
 def _run_empirical_audit(args: argparse.Namespace) -> int:

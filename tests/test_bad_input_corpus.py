@@ -518,6 +518,12 @@ CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], int, str]] = [
         "would overwrite the --data file",
     ),
     (
+        "split --out a bank's state dir",
+        lambda ws: ["split", *_data_flags(ws.loans), "--out", str(ws.state)],
+        2,
+        "not empty (holds",
+    ),
+    (
         "check-data: encoder without a public profile",
         _check_data(encoder=_encoder_without_profile),
         3,
@@ -898,3 +904,18 @@ def test_a_bank_table_with_missing_text_values_loads(tmp_path: Path) -> None:
     mask = keyed_test_mask(frame, b"k" * 16, 0.5)
 
     assert mask.dtype == bool and len(mask) == 4
+
+
+def test_split_writes_a_new_directory_and_replaces_only_an_earlier_split(
+    workspace: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = workspace.root / "split"
+    flags = ["split", *_data_flags(workspace.loans), "--banks", "2", "--out", str(out)]
+    assert main(flags) == 0
+    first = {p.relative_to(out) for p in out.rglob("*")}
+    assert main([*flags[:-2], "--seed", "1", "--out", str(out)]) == 0  # its own: replaced
+    assert {p.relative_to(out) for p in out.rglob("*")} == first
+    (out / "notes.txt").write_text("the bank's own file")
+    assert main(flags) == 2
+    assert "not empty (holds 'notes.txt')" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "the bank's own file"
