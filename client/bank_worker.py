@@ -38,6 +38,7 @@ from fedfin.common.errors import DataError, PrivacyBudgetError
 from fedfin.common.metrics import credit_metrics
 from fedfin.common.model import CreditModel, build_model
 from fedfin.common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
+from fedfin.common.secure_aggregation import SecureRound
 from fedfin.common.shared_weights import load_shared_arrays, shared_arrays
 from fedfin.common.tensors import predict_proba
 
@@ -104,11 +105,13 @@ def train_round(
     run_id: int,
     observe_step: "StepObserver | None" = None,
     canary_gradients: "CanaryGradients | None" = None,
+    secure_round: SecureRound | None = None,
 ) -> BankReply:
     """DP fine-tuning of encoder + private head; returns only the encoder and allowed numbers.
 
     `observe_step` (tests, `fedfin audit --empirical`) sees the gradients each DP step applies;
     `canary_gradients` (`fedfin audit --empirical` only) adds the audit's canaries to each step.
+    `secure_round`: set by the SecAgg+ mod when this update will only be seen summed.
     """
     # Opacus loads here, not at import: evaluation messages do not need it.
     from fedfin.client.budget import approve_round
@@ -116,7 +119,9 @@ def train_round(
 
     state = BankState(settings.state_dir)
     policy = settings.policy
-    replay = _replay_if_already_released(state, settings, instructions, run_id)
+    replay = _replay_if_already_released(
+        state, settings, instructions, run_id, secure=secure_round is not None
+    )
     if replay is not None:
         return replay
     train, test = load_bank_data(  # without the validation rows: they choose the served model
@@ -274,13 +279,19 @@ def _round_generator(
 
 
 def _replay_if_already_released(
-    state: BankState, settings: BankSettings, instructions: RoundInstructions, run_id: int
+    state: BankState,
+    settings: BankSettings,
+    instructions: RoundInstructions,
+    run_id: int,
+    secure: bool = False,
 ) -> BankReply | None:
     """A restarted server may ask again for a round this bank already charged.
 
     Re-sending the very same arrays costs no privacy (nothing new is computed from the
     data), so the bank replays them and records the replay; it never trains twice for one
     round of one federation. A round charged but never finished is declined: it stays paid.
+    Under secure aggregation a round is never replayed: the same update summed with two
+    different sets of banks would let the server subtract the sums.
     """
     if not instructions.federation_id:
         return None
@@ -293,6 +304,11 @@ def _replay_if_already_released(
     charges = [e for e in mine if e.get("kind") == CHARGE]
     if not charges:
         return None
+    if secure:
+        raise PrivacyBudgetError(
+            f"round {instructions.server_round} of this federation was already released; "
+            "under secure aggregation an update is sent once"
+        )
     saved = state.last_release(instructions.federation_id, instructions.server_round)
     sent = [e for e in mine if e.get("kind") == TRAIN]
     if saved is None or saved[1].get(EPSILON) != charges[-1]["epsilon_cumulative"]:
