@@ -101,6 +101,6 @@ class InProcessGrid(Grid):
             reply_wire = message_to_proto(self.app(delivered, self.contexts[node]))
             self.bytes_from_banks += reply_wire.ByteSize()
             reply = message_from_proto(reply_wire)
-            self.received.append((stage, reply))
+            self.received.append((stage, message_from_proto(reply_wire)))  # a kept copy
             replies.append(reply)
         return replies
