@@ -34,6 +34,11 @@ from fedfin.client.dp_releases import (
 )
 from fedfin.client.release import array_sha256, record_release
 from fedfin.common.accounting import DpEvent, epsilon_spent, merged_history
+from fedfin.common.distributed_dp import (
+    DISTRIBUTED_DP,
+    aggregate_view_events,
+    distributed_dp_record,
+)
 from fedfin.common.errors import DataError, PrivacyBudgetError
 from fedfin.common.metrics import credit_metrics
 from fedfin.common.model import CreditModel, build_model
@@ -43,6 +48,7 @@ from fedfin.common.shared_weights import load_shared_arrays, shared_arrays
 from fedfin.common.tensors import predict_proba
 
 if TYPE_CHECKING:  # Opacus is imported only when a bank trains
+    from fedfin.client.budget import ApprovedRound
     from fedfin.client.dp_training import CanaryGradients, StepObserver
 
 log = logging.getLogger("fedfin.bank")
@@ -149,6 +155,10 @@ def train_round(
             instructions.federation_id,
             extra={"received_sha256": encoder_sha256(encoder)},
         )
+    if secure_round is not None and policy.distributed_dp:
+        _record_distributed_dp(
+            state, settings, instructions, run_id, approved, charge, secure_round
+        )
     generator = _round_generator(settings, instructions, run_id, int(charge["seq"]))
     metrics: dict[str, float | int] = {EPSILON: approved.epsilon_after}
     if "eval" in extras:  # the received encoder with this bank's head, before training
@@ -232,6 +242,48 @@ def _optional_releases(
         else:
             log.info("%s: the %s release does not fit the budget; not sent", settings.name, name)
     return chosen
+
+
+def _record_distributed_dp(
+    state: BankState,
+    settings: BankSettings,
+    instructions: RoundInstructions,
+    run_id: int,
+    approved: "ApprovedRound",
+    charge: Mapping[str, Any],
+    secure_round: SecureRound,
+) -> dict[str, Any]:
+    """The round's distributed-DP statement: trust assumption and both guarantees.
+
+    No DP event of its own (the charge has the round's). The budget stays charged for the
+    bank's own noise: see common/distributed_dp.py for why.
+    """
+    policy = settings.policy
+    record = distributed_dp_record(
+        approved.plan.event(),
+        policy.secagg_min_banks,
+        secure_round.threshold,
+        secure_round.banks,
+        int(charge["seq"]),
+    )
+    with_this = [*state.ledger.entries(), {"kind": DISTRIBUTED_DP, **record}]
+    record["distributed_dp"]["epsilon_against_server"] = approved.epsilon_after
+    record["distributed_dp"]["epsilon_against_aggregate"] = epsilon_spent(
+        aggregate_view_events(with_this), policy.delta, policy.accountant
+    )
+    return record_release(
+        state,
+        settings,
+        run_id,
+        instructions.server_round,
+        DISTRIBUTED_DP,
+        [],
+        approved.epsilon_after,
+        {},
+        {},
+        instructions.federation_id,
+        extra=record,
+    )
 
 
 def _record_train(

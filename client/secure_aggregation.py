@@ -54,6 +54,7 @@ from fedfin.common.secure_aggregation import (
     SECAGG,
     SETUP,
     STAGE,
+    UNMASK,
     SecureRound,
     majority_threshold,
 )
@@ -112,6 +113,24 @@ def setup_problem(configs: ConfigRecord, min_banks: int) -> str | None:
     return None
 
 
+def _check_collect(configs: ConfigRecord, context: Context) -> None:
+    """Before training: enough banks sent this bank shares to mask its update with."""
+    sources = configs.get(Key.SOURCE_LIST)
+    threshold = _secure_round(context).threshold
+    if not isinstance(sources, list) or len(set(sources)) + 1 < threshold:
+        raise ConfigError(f"fewer than {threshold} banks in the collect stage; not training")
+
+
+def _check_unmask(configs: ConfigRecord, node_id: int) -> None:
+    """A bank is either alive (mask seed share) or dropped (key share), never both."""
+    alive = configs.get(Key.ACTIVE_NODE_ID_LIST)
+    dropped = configs.get(Key.DEAD_NODE_ID_LIST)
+    if not isinstance(alive, list) or not isinstance(dropped, list):
+        raise ConfigError("unmask request is malformed")
+    if set(alive) & set(dropped) or node_id not in alive:
+        raise ConfigError("unmask request names a bank both alive and dropped, or not this one")
+
+
 def _secure_round(context: Context) -> SecureRound:
     """The verified setup of this round, from the mod's own (local) state."""
     state = context.state.config_records[RECORD_KEY_STATE]
@@ -142,7 +161,10 @@ def secure_aggregation_mod(resolve_settings: SettingsResolver) -> Mod:
                 if problem:
                     raise ConfigError(problem)
             if stage == COLLECT:
+                _check_collect(message.content.config_records[SECAGG], context)
                 return _collect(message, context, call_next, settings)
+            if stage == UNMASK:
+                _check_unmask(message.content.config_records[SECAGG], message.metadata.dst_node_id)
             reply = secaggplus_mod(message, context, call_next)
         except _HandlerDeclined as declined:
             return declined.reply

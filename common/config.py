@@ -85,7 +85,7 @@ class PretrainConfig:
             raise ConfigError(f"holdout fraction must be in (0, 0.9), got {self.holdout_fraction}")
 
 
-DISTRIBUTED_DP_ACCOUNTING = ("conservative", "aggregate")
+DISTRIBUTED_DP_ACCOUNTING = ("conservative",)
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,10 @@ class PrivacyPolicy:
     # Secure aggregation (docs/secure-aggregation.md): K, the fewest banks whose sum this
     # bank lets the server learn; a round whose reconstruction threshold is lower is refused.
     secagg_min_banks: int = 2
-    # Opt-in distributed DP: in a secure round this bank adds σ/√K, so the sum of K carries σ.
-    # "conservative": the budget is charged for σ/√K (what a server that broke secure
-    # aggregation would see); "aggregate": charged for σ, trusting secure aggregation.
+    # Opt-in distributed DP: in a secure round the bank's noise σ_b is a share σ/√K of the
+    # noise σ = √K·σ_b on a sum of K banks; its ledger states both guarantees. The budget is
+    # charged for σ_b ("conservative": what a server that broke secure aggregation sees);
+    # "aggregate" (charged for σ) is refused: see common/distributed_dp.py.
     distributed_dp: bool = False
     distributed_dp_accounting: str = "conservative"
 
@@ -167,6 +168,12 @@ class PrivacyPolicy:
                 raise ConfigError(f"{key} must be at least 0.5, got {value}")
         if not 2 <= self.secagg_min_banks <= 1000:
             raise ConfigError(f"secagg-min-banks must be in [2, 1000], got {self.secagg_min_banks}")
+        if self.distributed_dp_accounting == "aggregate":
+            raise ConfigError(
+                "distributed-dp-accounting 'aggregate' is refused: fedfin's rounds (several "
+                "Adam steps, a private head) do not add the banks' noise shares into one "
+                "Gaussian of σ·√K, so only the bank's own noise is a proven budget"
+            )
         if self.distributed_dp_accounting not in DISTRIBUTED_DP_ACCOUNTING:
             raise ConfigError(
                 f"distributed-dp-accounting must be one of {DISTRIBUTED_DP_ACCOUNTING}, "

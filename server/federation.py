@@ -181,6 +181,9 @@ def run_federation(
 def _config_fingerprint(config: FederationConfig, start: EncoderCheckpoint) -> str:
     """What must not change between a crash and its resume: the plan and the start encoder."""
     payload = {**asdict(config), "round_timeout": None, "encoder": start.schema.fingerprint}
+    if not config.secure_aggregation:  # runs from before secure aggregation resume as before
+        for key in ("secure_aggregation", "secagg_threshold", "secagg_clipping_range"):
+            payload.pop(key)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -13,10 +13,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
+from fedfin.client.bank_settings import settings_from_node_config
 from fedfin.client.bank_state import BankState
 from fedfin.client.client_app import build_client_app
 from fedfin.client.release import array_sha256
 from fedfin.client.release_guard import reply_problem
+from fedfin.common.accounting import DpEvent, epsilon_spent
+from fedfin.common.audit import audit_state_dir
 from fedfin.common.checkpoint import EncoderCheckpoint
 from fedfin.common.config import FederationConfig, TrainPlanConfig
 from fedfin.common.errors import ConfigError
@@ -33,6 +36,7 @@ from fedfin.common.shared_weights import to_array_record
 from fedfin.server.federation import run_federation
 from fedfin.server.secure_aggregation import secure_train_round
 from fedfin.server.server_app import federation_config_from_run_config
+from fedfin.simulations.audit_report import audit_table
 from fedfin.simulations.cli import main as fedfin_main
 from tests.conftest import Pretrained, write_bank_data
 from tests.harness.messages import server_identity, status
@@ -253,3 +257,59 @@ def test_trimmed_mean_with_secure_aggregation_is_refused_in_one_line(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "fedtrimmedavg" in err and "secure-aggregation" in err
+
+
+def test_distributed_dp_records_its_trust_assumption_and_both_guarantees(
+    checkpoint: EncoderCheckpoint, bank_data: list[Path], tmp_path: Path
+) -> None:
+    """K = 2 from the banks' own node config; the budget stays charged for the bank's noise."""
+    grid = _grid(bank_data, tmp_path, 2, **{"distributed-dp": True, "secagg-min-banks": 2})
+    nodes = list(grid.contexts)
+    result = secure_train_round(grid, _train_messages(checkpoint, nodes), 1, 0, CLIP, None)
+    assert result.failure is None and result.contributors == 2
+
+    state_dir = Path(str(grid.contexts[101].node_config["state-dir"]))
+    entries = BankState(state_dir).ledger.entries()
+    kinds = [e["kind"] for e in entries]
+    assert kinds == ["charge", "distributed-dp", "train", "secagg-masked"]  # before sending
+    charge, statement = entries[0], entries[1]
+    facts = statement["distributed_dp"]
+    assert statement["dp_events"] == [] and statement["charge_seq"] == charge["seq"]
+    assert (
+        facts["min_banks"] == 2
+        and facts["threshold"] == 2
+        and facts["enforced"] == "against-server"
+    )
+    assert "honest-but-curious server" in facts["trust_assumption"]
+    assert "at least K honest banks" in facts["trust_assumption"]
+    (local,) = charge["dp_events"]
+    assert facts["local_event"] == local
+    assert facts["sum_event"]["noise_multiplier"] == pytest.approx(
+        local["noise_multiplier"] * 2**0.5
+    )
+    # Against the server (secure aggregation broken): what the budget was charged.
+    assert facts["epsilon_against_server"] == charge["epsilon_cumulative"]
+    # Against a recipient of the sum only: the same steps at σ·√2, recomputed here.
+    sum_only = DpEvent(**{**local, "noise_multiplier": local["noise_multiplier"] * 2**0.5})
+    expected = epsilon_spent([sum_only], charge["delta"], "rdp")
+    assert facts["epsilon_against_aggregate"] == pytest.approx(expected)
+    assert facts["epsilon_against_aggregate"] < 0.8 * facts["epsilon_against_server"]
+
+    audit = audit_state_dir(state_dir)  # from the ledger alone, with dp-accounting's PLD
+    assert audit.ok and audit.distributed_rounds == 1
+    assert audit.epsilon_against_aggregate == pytest.approx(expected, rel=0.1)
+    assert audit.epsilon_pld == pytest.approx(charge["epsilon_cumulative"], rel=0.1)
+    assert "distributed DP in 1 round(s)" in audit_table([audit])
+
+    # The same bank in a plain round adds its full noise and states nothing distributed.
+    plain = _train_messages(checkpoint, [101], federation="plain-federation")
+    grid.send_and_receive(plain)
+    assert [e["kind"] for e in BankState(state_dir).ledger.entries()][4:] == ["charge", "train"]
+
+
+def test_a_bank_cannot_charge_distributed_dp_at_the_sum_s_noise() -> None:
+    with pytest.raises(ConfigError, match="'aggregate' is refused") as refused:
+        settings_from_node_config(
+            {"data-path": "d", "state-dir": "s", "distributed-dp-accounting": "aggregate"}
+        )
+    assert "\n" not in str(refused.value)

@@ -6,6 +6,7 @@ and the bytes each way. `drop(node_id, stage)` makes a bank vanish at a stage: i
 is never delivered and no reply comes (as after a round timeout).
 """
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class InProcessGrid(Grid):
         self.received: list[tuple[str, Message]] = []  # (stage, reply) as the server got it
         self.bytes_to_banks = 0
         self.bytes_from_banks = 0
+        self.bank_seconds = 0.0  # time spent inside the banks' ClientApps
         self._run = Run.create_empty(7)
 
     def set_run(self, run_id: int) -> None:
@@ -98,7 +100,10 @@ class InProcessGrid(Grid):
             wire = message_to_proto(message)
             self.bytes_to_banks += wire.ByteSize()
             delivered = message_from_proto(wire)
-            reply_wire = message_to_proto(self.app(delivered, self.contexts[node]))
+            started = time.perf_counter()
+            answer = self.app(delivered, self.contexts[node])
+            self.bank_seconds += time.perf_counter() - started
+            reply_wire = message_to_proto(answer)
             self.bytes_from_banks += reply_wire.ByteSize()
             reply = message_from_proto(reply_wire)
             self.received.append((stage, message_from_proto(reply_wire)))  # a kept copy
