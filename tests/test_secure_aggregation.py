@@ -297,8 +297,11 @@ def test_distributed_dp_records_its_trust_assumption_and_both_guarantees(
 
     audit = audit_state_dir(state_dir)  # from the ledger alone, with dp-accounting's PLD
     assert audit.ok and audit.distributed_rounds == 1
-    assert audit.epsilon_against_aggregate == pytest.approx(expected, rel=0.1)
-    assert audit.epsilon_pld == pytest.approx(charge["epsilon_cumulative"], rel=0.1)
+    tight = epsilon_spent([sum_only], charge["delta"], "prv")  # the bank here used RDP
+    assert audit.epsilon_against_aggregate == pytest.approx(tight, rel=0.05)
+    own = epsilon_spent([DpEvent(**local)], charge["delta"], "prv")
+    assert audit.epsilon_pld == pytest.approx(own, rel=0.05)
+    assert audit.epsilon_against_aggregate < 0.8 * audit.epsilon_pld
     assert "distributed DP in 1 round(s)" in audit_table([audit])
 
     # The same bank in a plain round adds its full noise and states nothing distributed.

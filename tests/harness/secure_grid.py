@@ -61,6 +61,7 @@ class InProcessGrid(Grid):
         self.bytes_to_banks = 0
         self.bytes_from_banks = 0
         self.bank_seconds = 0.0  # time spent inside the banks' ClientApps
+        self.bank_seconds_by_stage: dict[str, float] = {}
         self._run = Run.create_empty(7)
 
     def set_run(self, run_id: int) -> None:
@@ -102,7 +103,10 @@ class InProcessGrid(Grid):
             delivered = message_from_proto(wire)
             started = time.perf_counter()
             answer = self.app(delivered, self.contexts[node])
-            self.bank_seconds += time.perf_counter() - started
+            spent = time.perf_counter() - started
+            self.bank_seconds += spent
+            by_stage = self.bank_seconds_by_stage
+            by_stage[stage] = by_stage.get(stage, 0.0) + spent
             reply_wire = message_to_proto(answer)
             self.bytes_from_banks += reply_wire.ByteSize()
             reply = message_from_proto(reply_wire)
