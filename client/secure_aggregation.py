@@ -14,11 +14,12 @@ key, pairwise and private masks, quantisation). This mod wraps it so that:
 It sits inside `release_guard`, so the guard checks the masked reply that actually leaves.
 """
 
+import importlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -57,10 +58,19 @@ from fedfin.common.secure_aggregation import (
     UNMASK,
     SecureRound,
     majority_threshold,
+    mask_generator,
 )
 from fedfin.common.shared_weights import from_array_record
 
 log = logging.getLogger("fedfin.bank")
+# Flower's mod draws its masks through this module-level name; fedfin's generator uses the
+# whole 256-bit seed (common/secure_aggregation.py says why). fedfin's server unmasks with
+# the same generator, so a fedfin bank cannot take part in a stock Flower SecAgg+ round.
+# (The package re-exports the mod function under the module's name: import the module.)
+FLOWER_SECAGGPLUS: Any = importlib.import_module(
+    "flwr.client.mod.secure_aggregation.secaggplus_mod"
+)
+FLOWER_SECAGGPLUS.pseudo_rand_gen = mask_generator
 MASKED = "secagg-masked"  # the ledger kind of a masked release
 SettingsResolver = Callable[[Context], BankSettings]
 

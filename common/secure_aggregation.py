@@ -6,9 +6,12 @@ the clipping range and quantise finely. Every bank has weight 1 (a count may not
 bank), so the server recovers the plain mean of the updates, up to quantisation.
 """
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     Key,
@@ -60,3 +63,27 @@ def quantisation_error_bound(clipping_range: float) -> float:
 def masked_shapes(encoder_shapes: Iterable[tuple[int, ...]]) -> list[tuple[int, ...]]:
     """The shapes of a masked vector: Flower's weight factor (one integer), then the encoder's."""
     return [(1,), *(tuple(shape) for shape in encoder_shapes)]
+
+
+def mask_generator(
+    seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """Masks uniform in [0, num_range) from the whole seed: the ChaCha20 keystream of
+    SHA-256(seed).
+
+    Replaces Flower's `pseudo_rand_gen`, which folds the 32-byte seed into 32 bits for
+    NumPy's Mersenne Twister: pairwise masks a search of 2^32 seeds per bank could strip.
+    Same signature, so Flower's SecAgg+ mod and fedfin's server use it alike.
+    """
+    if num_range & (num_range - 1) or not 0 < num_range <= 1 << 32:
+        raise ValueError(f"mask range must be a power of 2 up to 2^32, got {num_range}")
+    sizes = [int(np.prod(shape)) if shape else 1 for shape in dimensions_list]
+    encryptor = Cipher(algorithms.ChaCha20(hashlib.sha256(seed).digest(), bytes(16)), None)
+    stream = encryptor.encryptor().update(bytes(4 * sum(sizes)))
+    values = np.frombuffer(stream, dtype="<u4").astype(np.int64) % num_range
+    masks, start = [], 0
+    for shape, size in zip(dimensions_list, sizes, strict=True):
+        chunk = values[start : start + size]
+        masks.append(np.array(chunk[0]) if not shape else chunk.reshape(shape))
+        start += size
+    return masks

@@ -3,7 +3,8 @@
 Flower's `SecAggPlusWorkflow` drives the same stages but only through the legacy strategy
 API (`LegacyContext`, `configure_fit`, `FitRes`); fedfin's loop is Message-API. So this
 module runs the stages itself on `Grid.send_and_receive`, with Flower's own primitives
-(Shamir `combine_shares`, key agreement, mask generator, modular arithmetic, dequantise),
+(Shamir `combine_shares`, key agreement, modular arithmetic, dequantise) and fedfin's
+mask generator (`mask_generator`: the whole 256-bit seed, where Flower's uses 32 bits),
 and differs from the workflow where fedfin needs it:
 - every bank is every other bank's neighbour (SecAgg+ with as many shares as banks);
 - the collect-stage message is fedfin's train message (encoder, round config) plus the
@@ -36,7 +37,6 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import Key
-from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
@@ -53,6 +53,7 @@ from fedfin.common.secure_aggregation import (
     STAGE,
     UNMASK,
     majority_threshold,
+    mask_generator,
     masked_shapes,
 )
 from fedfin.common.shared_weights import from_array_record, to_array_record
@@ -86,7 +87,7 @@ def secure_train_round(
     clipping_range: float,
     timeout: float | None,
     *,
-    mask_generator: MaskGenerator = pseudo_rand_gen,
+    masks: MaskGenerator = mask_generator,
 ) -> SecureRoundResult:
     """Run SecAgg+ over the banks `train_messages` address; the mean of their updates.
 
@@ -231,13 +232,13 @@ def secure_train_round(
             )
         secret = combine_shares(owner_shares)
         if owner in sent_vector:  # its private mask
-            total = parameters_subtraction(total, mask_generator(secret, MODULUS_RANGE, shapes))
+            total = parameters_subtraction(total, masks(secret, MODULUS_RANGE, shapes))
             continue
         for alive in sent_vector:  # a dropout: the pairwise masks the live banks added
             key = generate_shared_key(
                 bytes_to_private_key(secret), bytes_to_public_key(public_keys[alive][0])
             )
-            mask = mask_generator(key, MODULUS_RANGE, shapes)
+            mask = masks(key, MODULUS_RANGE, shapes)
             total = (
                 parameters_subtraction(total, mask)
                 if alive > owner

@@ -3,6 +3,7 @@ fedfin's release guard, DP training) and the server's real round, through Flower
 format in one process (tests/harness/secure_grid.py)."""
 
 import json
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import Key
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
 from fedfin.client.bank_settings import settings_from_node_config
 from fedfin.client.bank_state import BankState
@@ -30,6 +32,7 @@ from fedfin.common.secure_aggregation import (
     QUANTIZATION_RANGE,
     SECAGG,
     SETUP,
+    mask_generator,
     quantisation_error_bound,
 )
 from fedfin.common.shared_weights import to_array_record
@@ -316,3 +319,19 @@ def test_a_bank_cannot_charge_distributed_dp_at_the_sum_s_noise() -> None:
             {"data-path": "d", "state-dir": "s", "distributed-dp-accounting": "aggregate"}
         )
     assert "\n" not in str(refused.value)
+
+
+def test_masks_use_the_whole_seed_where_flowers_generator_uses_32_bits() -> None:
+    """Two seeds whose 4-byte words fold (XOR) to the same 32 bits get the same masks from
+    Flower's generator; the banks' SecAgg+ mod and the server use fedfin's instead."""
+    zero = bytes(32)
+    folds_to_zero = (1).to_bytes(4, "little") * 2 + bytes(24)
+    shapes = [(1,), (3, 4)]
+    flowers = [pseudo_rand_gen(seed, MODULUS_RANGE, shapes) for seed in (zero, folds_to_zero)]
+    assert all(np.array_equal(a, b) for a, b in zip(*flowers, strict=True))
+    ours = [mask_generator(seed, MODULUS_RANGE, shapes) for seed in (zero, folds_to_zero)]
+    assert not np.array_equal(ours[0][1], ours[1][1])
+    assert [m.shape for m in ours[0]] == shapes
+    assert all(m.min() >= 0 and m.max() < MODULUS_RANGE for m in ours[0])
+    flowers_mod = sys.modules["flwr.client.mod.secure_aggregation.secaggplus_mod"]
+    assert flowers_mod.pseudo_rand_gen is mask_generator  # what the banks' SecAgg+ mod calls
