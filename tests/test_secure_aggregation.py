@@ -335,3 +335,18 @@ def test_masks_use_the_whole_seed_where_flowers_generator_uses_32_bits() -> None
     assert all(m.min() >= 0 and m.max() < MODULUS_RANGE for m in ours[0])
     flowers_mod = sys.modules["flwr.client.mod.secure_aggregation.secaggplus_mod"]
     assert flowers_mod.pseudo_rand_gen is mask_generator  # what the banks' SecAgg+ mod calls
+
+
+def test_a_collect_request_without_a_verified_setup_trains_nothing(
+    checkpoint: EncoderCheckpoint, bank_data: list[Path], tmp_path: Path
+) -> None:
+    """A server that skips setup (no threshold the bank checked) gets a dropout, not data."""
+    grid = _grid(bank_data, tmp_path, 1)
+    (message,) = _train_messages(checkpoint, [101])
+    message.content[SECAGG] = ConfigRecord(
+        {"stage": COLLECT, Key.CIPHERTEXT_LIST: [], Key.SOURCE_LIST: []}
+    )
+    (reply,) = grid.send_and_receive([message])
+    assert status(reply) == "declined" and SECAGG not in reply.content.config_records
+    state_dir = Path(str(grid.contexts[101].node_config["state-dir"]))
+    assert BankState(state_dir).ledger.entries() == []  # nothing charged, nothing trained
