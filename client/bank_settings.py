@@ -27,6 +27,9 @@ _POLICY_KEYS = {
     "max-planned-rounds": "max_planned_rounds",
     "count-noise-multiplier": "count_noise_multiplier",
     "eval-noise-multiplier": "eval_noise_multiplier",
+    "secagg-min-banks": "secagg_min_banks",
+    "distributed-dp": "distributed_dp",
+    "distributed-dp-accounting": "distributed_dp_accounting",
 }
 
 

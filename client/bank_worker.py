@@ -34,14 +34,21 @@ from fedfin.client.dp_releases import (
 )
 from fedfin.client.release import array_sha256, record_release
 from fedfin.common.accounting import DpEvent, epsilon_spent, merged_history
+from fedfin.common.distributed_dp import (
+    DISTRIBUTED_DP,
+    aggregate_view_events,
+    distributed_dp_record,
+)
 from fedfin.common.errors import DataError, PrivacyBudgetError
 from fedfin.common.metrics import credit_metrics
 from fedfin.common.model import CreditModel, build_model
 from fedfin.common.protocol import EPSILON, NUM_EXAMPLES, RoundInstructions
+from fedfin.common.secure_aggregation import SecureRound
 from fedfin.common.shared_weights import load_shared_arrays, shared_arrays
 from fedfin.common.tensors import predict_proba
 
 if TYPE_CHECKING:  # Opacus is imported only when a bank trains
+    from fedfin.client.budget import ApprovedRound
     from fedfin.client.dp_training import CanaryGradients, StepObserver
 
 log = logging.getLogger("fedfin.bank")
@@ -104,11 +111,13 @@ def train_round(
     run_id: int,
     observe_step: "StepObserver | None" = None,
     canary_gradients: "CanaryGradients | None" = None,
+    secure_round: SecureRound | None = None,
 ) -> BankReply:
     """DP fine-tuning of encoder + private head; returns only the encoder and allowed numbers.
 
     `observe_step` (tests, `fedfin audit --empirical`) sees the gradients each DP step applies;
     `canary_gradients` (`fedfin audit --empirical` only) adds the audit's canaries to each step.
+    `secure_round`: set by the SecAgg+ mod when this update will only be seen summed.
     """
     # Opacus loads here, not at import: evaluation messages do not need it.
     from fedfin.client.budget import approve_round
@@ -116,7 +125,9 @@ def train_round(
 
     state = BankState(settings.state_dir)
     policy = settings.policy
-    replay = _replay_if_already_released(state, settings, instructions, run_id)
+    replay = _replay_if_already_released(
+        state, settings, instructions, run_id, secure=secure_round is not None
+    )
     if replay is not None:
         return replay
     train, test = load_bank_data(  # without the validation rows: they choose the served model
@@ -143,6 +154,10 @@ def train_round(
             {},
             instructions.federation_id,
             extra={"received_sha256": encoder_sha256(encoder)},
+        )
+    if secure_round is not None and policy.distributed_dp:
+        _record_distributed_dp(
+            state, settings, instructions, run_id, approved, charge, secure_round
         )
     generator = _round_generator(settings, instructions, run_id, int(charge["seq"]))
     metrics: dict[str, float | int] = {EPSILON: approved.epsilon_after}
@@ -229,6 +244,48 @@ def _optional_releases(
     return chosen
 
 
+def _record_distributed_dp(
+    state: BankState,
+    settings: BankSettings,
+    instructions: RoundInstructions,
+    run_id: int,
+    approved: "ApprovedRound",
+    charge: Mapping[str, Any],
+    secure_round: SecureRound,
+) -> dict[str, Any]:
+    """The round's distributed-DP statement: trust assumption and both guarantees.
+
+    No DP event of its own (the charge has the round's). The budget stays charged for the
+    bank's own noise: see common/distributed_dp.py for why.
+    """
+    policy = settings.policy
+    record = distributed_dp_record(
+        approved.plan.event(),
+        policy.secagg_min_banks,
+        secure_round.threshold,
+        secure_round.banks,
+        int(charge["seq"]),
+    )
+    with_this = [*state.ledger.entries(), {"kind": DISTRIBUTED_DP, **record}]
+    record["distributed_dp"]["epsilon_against_server"] = approved.epsilon_after
+    record["distributed_dp"]["epsilon_against_aggregate"] = epsilon_spent(
+        aggregate_view_events(with_this), policy.delta, policy.accountant
+    )
+    return record_release(
+        state,
+        settings,
+        run_id,
+        instructions.server_round,
+        DISTRIBUTED_DP,
+        [],
+        approved.epsilon_after,
+        {},
+        {},
+        instructions.federation_id,
+        extra=record,
+    )
+
+
 def _record_train(
     state: BankState,
     settings: BankSettings,
@@ -274,13 +331,19 @@ def _round_generator(
 
 
 def _replay_if_already_released(
-    state: BankState, settings: BankSettings, instructions: RoundInstructions, run_id: int
+    state: BankState,
+    settings: BankSettings,
+    instructions: RoundInstructions,
+    run_id: int,
+    secure: bool = False,
 ) -> BankReply | None:
     """A restarted server may ask again for a round this bank already charged.
 
     Re-sending the very same arrays costs no privacy (nothing new is computed from the
     data), so the bank replays them and records the replay; it never trains twice for one
     round of one federation. A round charged but never finished is declined: it stays paid.
+    Under secure aggregation a round is never replayed: the same update summed with two
+    different sets of banks would let the server subtract the sums.
     """
     if not instructions.federation_id:
         return None
@@ -293,6 +356,11 @@ def _replay_if_already_released(
     charges = [e for e in mine if e.get("kind") == CHARGE]
     if not charges:
         return None
+    if secure:
+        raise PrivacyBudgetError(
+            f"round {instructions.server_round} of this federation was already released; "
+            "under secure aggregation an update is sent once"
+        )
     saved = state.last_release(instructions.federation_id, instructions.server_round)
     sent = [e for e in mine if e.get("kind") == TRAIN]
     if saved is None or saved[1].get(EPSILON) != charges[-1]["epsilon_cumulative"]:

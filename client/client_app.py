@@ -24,6 +24,7 @@ from flwr.clientapp.typing import Mod
 from fedfin.client.bank_settings import BankSettings, settings_from_node_config
 from fedfin.client.bank_worker import BankReply, evaluate_round, record_decline, train_round
 from fedfin.client.release_guard import release_guard
+from fedfin.client.secure_aggregation import current_secure_round, secure_aggregation_mod
 from fedfin.common.errors import FedfinError
 from fedfin.common.logs import log_like_flower_unless_configured
 from fedfin.common.protocol import (
@@ -104,11 +105,13 @@ def build_client_app(
 ) -> ClientApp:
     """A ClientApp whose bank settings come from `resolve_settings` (node config by default).
 
-    `release_guard` always wraps the handlers, innermost, so that extra `mods` (e.g. for
-    logging or measuring) see exactly what leaves the bank.
+    `release_guard` always wraps the handlers, so that extra `mods` (e.g. for logging or
+    measuring) see exactly what leaves the bank. Inside it, the SecAgg+ mod masks a secure
+    round's update: the guard checks the masked reply, the one that leaves, and would stop
+    a plain update. A plain round passes through the SecAgg+ mod untouched.
     """
     log_like_flower_unless_configured()  # a Ray worker or SuperNode process: Flower's format
-    app = ClientApp(mods=[*mods, release_guard])
+    app = ClientApp(mods=[*mods, release_guard, secure_aggregation_mod(resolve_settings)])
 
     def handle(message: Message, context: Context, train: bool) -> Message:
         if torch_threads:
@@ -128,7 +131,14 @@ def build_client_app(
                     if SOURCE_HEAD in message.content.array_records
                     else None
                 )
-                reply = train_round(settings, instructions, encoder, source_head, run_id)
+                reply = train_round(
+                    settings,
+                    instructions,
+                    encoder,
+                    source_head,
+                    run_id,
+                    secure_round=current_secure_round(),
+                )
             else:
                 reply = evaluate_round(settings, instructions, encoder, run_id)
         except Exception as exc:  # the bank keeps running; the server sees a declined round

@@ -32,6 +32,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedfin.common.accounting import DpEvent, merged_history
+from fedfin.common.distributed_dp import DISTRIBUTED_DP, aggregate_view_events
 from fedfin.common.errors import ConfigError
 from fedfin.common.ledger import GENESIS_HASH, LEDGER_FILE, PrivacyLedger, events_of
 from fedfin.common.ledger_anchors import LedgerAnchor
@@ -100,6 +101,10 @@ class BankAudit:
     field_problems: list[str] = field(default_factory=list)  # NaN, negative, not a number
     duplicate_problems: list[str] = field(default_factory=list)  # same ledger or bank twice
     first_entry_hash: str | None = None  # one ledger's identity: copies share it
+    # Distributed DP (common/distributed_dp.py): rounds whose sum carried K banks' noise
+    # shares, and ε (PLD) of the whole ledger against a recipient of such sums only.
+    distributed_rounds: int = 0
+    epsilon_against_aggregate: float | None = None
 
     @property
     def remaining(self) -> float | None:
@@ -202,6 +207,11 @@ def audit_state_dir(state_dir: Path, anchors: list[LedgerAnchor] | None = None) 
     audit.epsilon_recorded = float(entries[-1].get("epsilon_cumulative", 0.0))
     audit.epsilon_pld = dp_accounting_epsilon(all_events, audit.delta, "pld")
     audit.epsilon_rdp = dp_accounting_epsilon(all_events, audit.delta, "rdp")
+    audit.distributed_rounds = sum(e.get("kind") == DISTRIBUTED_DP for e in entries)
+    if audit.distributed_rounds:
+        audit.epsilon_against_aggregate = dp_accounting_epsilon(
+            aggregate_view_events(entries), audit.delta, "pld"
+        )
     audit.curve = [  # one point per training release: ε only moves when the bank trains
         (i + 1, int(e.get("server_round", 0)), float(e["epsilon_cumulative"]))
         for i, e in enumerate(entries)

@@ -85,6 +85,9 @@ class PretrainConfig:
             raise ConfigError(f"holdout fraction must be in (0, 0.9), got {self.holdout_fraction}")
 
 
+DISTRIBUTED_DP_ACCOUNTING = ("conservative",)
+
+
 @dataclass(frozen=True)
 class PrivacyPolicy:
     """A bank's privacy rules. Set by the bank (node config or runner config); the server
@@ -115,6 +118,15 @@ class PrivacyPolicy:
     release_eval_metrics: bool = False
     count_noise_multiplier: float = 20.0  # σ of the noisy training-row count (sensitivity 1)
     eval_noise_multiplier: float = 20.0  # σ of the noisy score histograms (sensitivity 1)
+    # Secure aggregation (docs/secure-aggregation.md): K, the fewest banks whose sum this
+    # bank lets the server learn; a round whose reconstruction threshold is lower is refused.
+    secagg_min_banks: int = 2
+    # Opt-in distributed DP: in a secure round the bank's noise σ_b is a share σ/√K of the
+    # noise σ = √K·σ_b on a sum of K banks; its ledger states both guarantees. The budget is
+    # charged for σ_b ("conservative": what a server that broke secure aggregation sees);
+    # "aggregate" (charged for σ) is refused: see common/distributed_dp.py.
+    distributed_dp: bool = False
+    distributed_dp_accounting: str = "conservative"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon_budget < float("inf"):
@@ -154,6 +166,19 @@ class PrivacyPolicy:
         ):
             if not 0.5 <= value < float("inf"):
                 raise ConfigError(f"{key} must be at least 0.5, got {value}")
+        if not 2 <= self.secagg_min_banks <= 1000:
+            raise ConfigError(f"secagg-min-banks must be in [2, 1000], got {self.secagg_min_banks}")
+        if self.distributed_dp_accounting == "aggregate":
+            raise ConfigError(
+                "distributed-dp-accounting 'aggregate' is refused: fedfin's rounds (several "
+                "Adam steps, a private head) do not add the banks' noise shares into one "
+                "Gaussian of σ·√K, so only the bank's own noise is a proven budget"
+            )
+        if self.distributed_dp_accounting not in DISTRIBUTED_DP_ACCOUNTING:
+            raise ConfigError(
+                f"distributed-dp-accounting must be one of {DISTRIBUTED_DP_ACCOUNTING}, "
+                f"got '{self.distributed_dp_accounting}'"
+            )
 
     @property
     def batches_per_epoch(self) -> int:
@@ -200,6 +225,11 @@ class FederationConfig:
     proximal_mu: float = 0.01  # fedprox
     trim_beta: float = 0.2  # fedtrimmedavg
     train: TrainPlanConfig = field(default_factory=TrainPlanConfig)
+    # Opt-in: the server learns only the sum of the banks' updates (SecAgg+, see
+    # docs/secure-aggregation.md). 0 threshold: a strict majority of the round's banks.
+    secure_aggregation: bool = False
+    secagg_threshold: int = 0
+    secagg_clipping_range: float = 8.0  # each update coordinate is clipped to ± this
 
     def __post_init__(self) -> None:
         if self.num_rounds <= 0:
@@ -210,3 +240,17 @@ class FederationConfig:
             raise ConfigError(f"min-banks must be positive, got {self.min_banks}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.secure_aggregation and self.strategy == "fedtrimmedavg":
+            raise ConfigError(
+                "strategy 'fedtrimmedavg' cannot be combined with secure-aggregation: a "
+                "trimmed mean needs each bank's update, and the server sees only their sum"
+            )
+        if self.secagg_threshold < 0 or self.secagg_threshold == 1:
+            raise ConfigError(
+                "secagg-threshold must be 0 (a majority) or at least 2, "
+                f"got {self.secagg_threshold}"
+            )
+        if not 0.0 < self.secagg_clipping_range <= 1000.0:
+            raise ConfigError(
+                f"secagg-clipping-range must be in (0, 1000], got {self.secagg_clipping_range}"
+            )

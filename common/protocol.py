@@ -72,6 +72,9 @@ POLICY_KEYS = frozenset(
         "release-eval-metrics",
         "state-dir",
         "data-path",
+        "secagg-min-banks",
+        "distributed-dp",
+        "distributed-dp-accounting",
     }
 )
 STATUS_OK = "ok"

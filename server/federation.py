@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from fedfin.common.atomic import write_json_atomically
 from fedfin.common.checkpoint import (
@@ -40,6 +41,7 @@ from fedfin.server.round_summary import (
     note_missing_replies,
     note_train_reply,
 )
+from fedfin.server.secure_aggregation import aggregate_reply, secure_train_round
 from fedfin.server.server_state import load_state, new_state, restore_strategy, save_state
 from fedfin.server.strategy import WEIGHT_KEY, build_strategy
 
@@ -118,21 +120,13 @@ def run_federation(
         for message in messages:
             if head_record is not None:
                 message.content[SOURCE_HEAD] = head_record
-        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-        accepted = [m for m in replies if note_train_reply(summary, m)]
-        note_missing_replies(summary, messages, replies, state.bank_names)
-        if len(accepted) >= config.min_banks:
-            _set_weights(accepted)
-            new_arrays, _ = strategy.aggregate_train(server_round, accepted)
-            if new_arrays is not None:
-                arrays = new_arrays
-                summary.aggregated = True
+        if config.secure_aggregation:
+            arrays = _secure_round(
+                grid, config, server_round, messages, arrays, strategy, summary, state.bank_names
+            )
         else:
-            log.warning(
-                "round %d: only %d bank(s) accepted (minimum %d); the encoder is unchanged",
-                server_round,
-                len(accepted),
-                config.min_banks,
+            arrays = _plain_round(
+                grid, config, server_round, messages, arrays, strategy, summary, state.bank_names
             )
 
         evaluation = list(
@@ -187,6 +181,9 @@ def run_federation(
 def _config_fingerprint(config: FederationConfig, start: EncoderCheckpoint) -> str:
     """What must not change between a crash and its resume: the plan and the start encoder."""
     payload = {**asdict(config), "round_timeout": None, "encoder": start.schema.fingerprint}
+    if not config.secure_aggregation:  # runs from before secure aggregation resume as before
+        for key in ("secure_aggregation", "secagg_threshold", "secagg_clipping_range"):
+            payload.pop(key)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -222,6 +219,91 @@ def _warn_on_ledger_rollback(summary: RoundSummary, seen: dict[str, int]) -> Non
                 before,
             )
         seen[row.bank] = row.ledger_seq
+
+
+def _plain_round(
+    grid: Grid,
+    config: FederationConfig,
+    server_round: int,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    strategy: FedAvg,
+    summary: RoundSummary,
+    names: dict[str, str],
+) -> ArrayRecord:
+    """A round where the server receives each bank's encoder and aggregates with weights."""
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    accepted = [m for m in replies if note_train_reply(summary, m)]
+    note_missing_replies(summary, messages, replies, names)
+    if len(accepted) < config.min_banks:
+        log.warning(
+            "round %d: only %d bank(s) accepted (minimum %d); the encoder is unchanged",
+            server_round,
+            len(accepted),
+            config.min_banks,
+        )
+        return arrays
+    _set_weights(accepted)
+    new_arrays, _ = strategy.aggregate_train(server_round, accepted)
+    if new_arrays is None:
+        return arrays
+    summary.aggregated = True
+    return new_arrays
+
+
+def _secure_round(
+    grid: Grid,
+    config: FederationConfig,
+    server_round: int,
+    messages: list[Message],
+    arrays: ArrayRecord,
+    strategy: FedAvg,
+    summary: RoundSummary,
+    names: dict[str, str],
+) -> ArrayRecord:
+    """A round under secure aggregation: the server learns the banks' mean update only.
+
+    Every bank has weight 1 (a count may not leave a bank exactly, and a noisy one inside
+    the sum would buy nothing the mean does not give). Returns the new global encoder, or
+    the unchanged one when the sum could not be recovered.
+    """
+    result = secure_train_round(
+        grid,
+        messages,
+        server_round,
+        config.secagg_threshold,
+        config.secagg_clipping_range,
+        config.round_timeout,
+    )
+    contributed = [m for m in result.replies if note_train_reply(summary, m, secure=True)]
+    note_missing_replies(summary, messages, result.replies, names)
+    summary.secure_aggregation = {
+        "threshold": result.threshold,
+        "contributors": result.contributors,
+        "dropped_nodes": result.dropped,
+        "failure": result.failure,
+    }
+    if result.failure or result.mean_update is None:
+        log.warning(
+            "round %d: %s; the encoder is unchanged",
+            server_round,
+            result.failure or "secure aggregation recovered no sum",
+        )
+        return arrays
+    if len(contributed) < config.min_banks:
+        log.warning(
+            "round %d: only %d bank(s) contributed (minimum %d); the encoder is unchanged",
+            server_round,
+            len(contributed),
+            config.min_banks,
+        )
+        return arrays
+    reply = aggregate_reply(messages[0], arrays, result.mean_update, WEIGHT_KEY)
+    new_arrays, _ = strategy.aggregate_train(server_round, [reply])
+    if new_arrays is None:
+        return arrays
+    summary.aggregated = True
+    return new_arrays
 
 
 def _set_weights(accepted: list[Message]) -> None:

@@ -61,6 +61,7 @@ class RoundSummary:
     seconds: float = 0.0
     federation_id: str = ""
     anchor_file: Path | None = None  # where each reply's ledger anchor is appended
+    secure_aggregation: dict[str, Any] | None = None  # threshold, contributors, failure
 
     def as_dict(self) -> dict[str, Any]:
         aucs: list[tuple[float, float | None]] = [
@@ -90,6 +91,7 @@ class RoundSummary:
             "dp_worst_bank_auc": worst[0] if worst else None,
             "max_epsilon": max(epsilons) if epsilons else None,
             "seconds": round(self.seconds, 2),
+            **({"secure_aggregation": self.secure_aggregation} if self.secure_aggregation else {}),
             "per_bank": {
                 b.bank: {
                     "trained": b.trained,
@@ -150,15 +152,19 @@ def _row(summary: RoundSummary, message: Message, bank: str) -> BankRound:
     return row
 
 
-def note_train_reply(summary: RoundSummary, message: Message) -> bool:
-    """Record a train reply; True when it carries an accepted encoder update."""
+def note_train_reply(summary: RoundSummary, message: Message, secure: bool = False) -> bool:
+    """Record a train reply; True when it carries an accepted encoder update.
+
+    `secure`: a secure round's collect reply, whose masked vector the server has already
+    added to the sum; an ok status then means the bank contributed.
+    """
     status, bank, reason = status_of(message)
     row = _row(summary, message, bank)
     if message.has_error():  # no content to read: Flower raises on `message.content`
         row.trained, row.train_status = False, f"{status}: {reason}".strip(": ")
         return False
     _note_anchor(summary, row, message, "train")
-    accepted = status == STATUS_OK and ARRAYS in message.content.array_records
+    accepted = status == STATUS_OK and (secure or ARRAYS in message.content.array_records)
     row.trained = accepted
     row.train_status = "ok" if accepted else f"{status}: {reason}".strip(": ")
     if METRICS in message.content.metric_records:

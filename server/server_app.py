@@ -2,7 +2,8 @@
 
 Its settings come from the run config (`[tool.flwr.app.config]` or `flwr run
 --run-config`): `encoder-dir` (the pretrained checkpoint), `out-dir`, `num-server-rounds`,
-`strategy`, `mode`, and the banks' round plan. It never sees a head or a row of bank data.
+`strategy`, `mode`, the banks' round plan, and `secure-aggregation` (off by default:
+docs/secure-aggregation.md). It never sees a head or a row of bank data.
 """
 
 import logging
@@ -30,6 +31,8 @@ def federation_config_from_run_config(run_config: dict[str, Any]) -> FederationC
 
     def get(key: str, kind: type, default: Any) -> Any:
         value = run_config.get(key, default)
+        if kind is bool:
+            return _flag(key, value)
         try:
             return kind(value)
         except (TypeError, ValueError):
@@ -50,6 +53,9 @@ def federation_config_from_run_config(run_config: dict[str, Any]) -> FederationC
         server_learning_rate=get("server-learning-rate", float, defaults.server_learning_rate),
         proximal_mu=get("proximal-mu", float, defaults.proximal_mu),
         trim_beta=get("trim-beta", float, defaults.trim_beta),
+        secure_aggregation=get("secure-aggregation", bool, defaults.secure_aggregation),
+        secagg_threshold=get("secagg-threshold", int, defaults.secagg_threshold),
+        secagg_clipping_range=get("secagg-clipping-range", float, defaults.secagg_clipping_range),
         train=TrainPlanConfig(
             mode=get("mode", str, plan.mode),
             local_epochs=get("local-epochs", float, plan.local_epochs),
@@ -58,6 +64,15 @@ def federation_config_from_run_config(run_config: dict[str, Any]) -> FederationC
             learning_rate=get("learning-rate", float, plan.learning_rate),
         ),
     )
+
+
+def _flag(key: str, value: Any) -> bool:
+    """A run config switch: a TOML boolean, or true/false written as text."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"run config '{key}' must be true or false, got '{value}'")
 
 
 def run_server(grid: Grid, config: FederationConfig, on_round: RoundCallback | None = None) -> None:

@@ -81,6 +81,13 @@ def audit_table(audits: list[BankAudit]) -> str:
         "budget while the status is ok.",
     ]
     for a in audits:
+        if a.epsilon_against_aggregate is not None:
+            lines.append(
+                f"{a.bank}: distributed DP in {a.distributed_rounds} round(s): ε against the "
+                f"server if secure aggregation were broken {_fmt(a.epsilon_recorded)} (enforced); "
+                f"against a recipient of K-bank sums only {_fmt(a.epsilon_against_aggregate)} "
+                "(PLD; proven for one linear DP step per round, not for multi-step rounds)"
+            )
         lines += [f"{a.bank}: {problem}" for problem in a.all_problems]
         if a.anchors_checked == 0:
             lines.append(

@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy", choices=STRATEGY_NAMES, default="fedavg", help="how the server aggregates"
     )
     sim.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="the server learns only the banks' mean update (SecAgg+, equal weights; "
+        "docs/secure-aggregation.md)",
+    )
+    sim.add_argument(
         "--mode",
         choices=FINE_TUNE_MODES,
         default="full",
@@ -674,6 +680,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         federation=FederationConfig(
             num_rounds=args.rounds,
             strategy=args.strategy,
+            secure_aggregation=args.secure_aggregation,
             min_banks=min(2, args.banks),
             train=TrainPlanConfig(
                 mode=args.mode,
