@@ -22,10 +22,8 @@ from unittest import mock
 
 import torch
 
+from benchmarks.lending_club_setup import pretrained_lending_club, write_bank_tables
 from fedfin.client.empirical_audit import EmpiricalAudit, EmpiricalAuditConfig, run_empirical_audit
-from fedfin.common.config import PretrainConfig, SplitConfig
-from fedfin.common.sources import load_source
-from fedfin.server.pretrain import pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,24 +74,9 @@ BUILDS: dict[str, Callable[[], AbstractContextManager[None]]] = {
 
 def prepare(directory: Path) -> tuple[Path, Path]:
     """Bank 0's data and an encoder pretrained on the public pool, as the tests use."""
-    source = load_source("lending-club")
-    split = source.split(SplitConfig(num_banks=5, seed=0))
     encoder = directory / "encoder"
-    pretrain(
-        split.public,
-        source.label,
-        source.positive_label,
-        encoder,
-        PretrainConfig(),
-        exclude=source.excluded_columns,
-        source=source.name,
-        progress=False,
-    )
-    data = directory / "data"
-    data.mkdir()
-    split.banks[0].train.to_parquet(data / "train.parquet")
-    split.banks[0].test.to_parquet(data / "test.parquet")
-    return data, encoder
+    split = pretrained_lending_club(5, encoder)
+    return write_bank_tables(split, 0, directory / "data"), encoder
 
 
 def row(build: str, audit: EmpiricalAudit, seconds: float) -> dict[str, Any]:

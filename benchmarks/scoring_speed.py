@@ -47,32 +47,17 @@ LAUNCH = (  # `fedfin serve`, through the same parser the fedfin CLI uses
 
 def build_bank(directory: Path) -> tuple[Path, Path, pd.DataFrame]:
     """Pretrained encoder + bank 0 after one DP round; returns state dir, encoder, its test rows."""
+    from benchmarks.lending_club_setup import pretrained_lending_club, write_bank_tables
     from fedfin.client.bank_settings import BankSettings
     from fedfin.client.bank_worker import train_round
     from fedfin.common.checkpoint import load_encoder_checkpoint
-    from fedfin.common.config import PretrainConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
+    from fedfin.common.config import PrivacyPolicy, TrainPlanConfig
     from fedfin.common.protocol import RoundInstructions
-    from fedfin.common.sources import load_source
-    from fedfin.server.pretrain import pretrain
 
-    source = load_source("lending-club")
-    split = source.split(SplitConfig(num_banks=5, seed=0))
     encoder = directory / "encoder"
-    pretrain(
-        split.public,
-        source.label,
-        source.positive_label,
-        encoder,
-        PretrainConfig(),
-        exclude=source.excluded_columns,
-        source=source.name,
-        progress=False,
-    )
+    split = pretrained_lending_club(5, encoder)
     bank = split.banks[0]
-    data = directory / "data"
-    data.mkdir()
-    bank.train.to_parquet(data / "train.parquet")
-    bank.test.to_parquet(data / "test.parquet")
+    data = write_bank_tables(split, 0, directory / "data")
     checkpoint = load_encoder_checkpoint(encoder)
     settings = BankSettings("bank-00", data, directory / "state", PrivacyPolicy())
     instructions = RoundInstructions(

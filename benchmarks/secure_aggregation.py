@@ -32,29 +32,16 @@ NAME = "secure_aggregation"
 
 def run(num_banks: int, secure: bool, rounds: int, root: Path) -> list[dict[str, Any]]:
     """One federation of `num_banks` banks; per-round seconds and bytes."""
+    from benchmarks.lending_club_setup import pretrained_lending_club
     from fedfin.client.client_app import build_client_app
     from fedfin.common.checkpoint import load_encoder_checkpoint, load_source_head
-    from fedfin.common.config import FederationConfig, PretrainConfig, SplitConfig
-    from fedfin.common.sources import load_source
+    from fedfin.common.config import FederationConfig
     from fedfin.server.federation import run_federation
-    from fedfin.server.pretrain import pretrain
     from tests.harness.messages import server_identity
     from tests.harness.secure_grid import InProcessGrid, bank_contexts
 
-    source = load_source("lending-club")
-    split = source.split(SplitConfig(num_banks=num_banks, seed=0))
     encoder = root / f"encoder-{num_banks}"
-    if not (encoder / "encoder.npz").exists():
-        pretrain(
-            split.public,
-            source.label,
-            source.positive_label,
-            encoder,
-            PretrainConfig(),
-            exclude=source.excluded_columns,
-            source=source.name,
-            progress=False,
-        )
+    split = pretrained_lending_club(num_banks, encoder)
     run_dir = root / f"run-{num_banks}-{'secagg' if secure else 'plain'}"
     banks = []
     for i, bank in enumerate(split.banks):
