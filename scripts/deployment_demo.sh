@@ -14,6 +14,7 @@
 #   --hold: when done, write WORK_DIR/ready and keep everything running until stopped
 #           (the deployment tests use the live deployment this way)
 #   ROUNDS=N (environment): server rounds, default 2
+#   RUN_CONFIG="key=value ..." (environment): more run config, e.g. "secure-aggregation=true"
 # Every process it starts is stopped on exit, by PID; their PIDs are in WORK_DIR/pids.
 set -euo pipefail
 work="$(mkdir -p "$1" && cd "$1" && pwd)"
@@ -173,7 +174,7 @@ for _ in $(seq 60); do
 done
 
 # --- Coordinator: launch the run from the approved release and follow it -------------
-flwr run "$release" fedfin --run-config "encoder-dir='$work/encoder' out-dir='$work/server' num-server-rounds=${ROUNDS:-2}"
+flwr run "$release" fedfin --run-config "encoder-dir='$work/encoder' out-dir='$work/server' num-server-rounds=${ROUNDS:-2} ${RUN_CONFIG:-}"
 status=""
 for _ in $(seq 600); do
     status="$(flwr ls fedfin --format json | python -c 'import json,sys; print(json.load(sys.stdin)["runs"][0]["status"])')"
