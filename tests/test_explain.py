@@ -158,15 +158,7 @@ def test_explain_command_refuses_a_row_that_does_not_exist(
     bank.applications.head(10).to_csv(data, index=False)
     with pytest.raises(ConfigError, match=r"--rows 10: .*applications\.csv has only 10 rows"):
         run_bank_command(
-            "explain",
-            "--state-dir",
-            bank.state_dir,
-            "--encoder",
-            bank.encoder_dir,
-            "--data",
-            data,
-            "--out",
-            tmp_path / "out",
+            *bank_command("explain", bank, data, tmp_path / "out"),
             "--rows",
             "10",
         )

@@ -13,7 +13,7 @@ import pytest
 from fedfin.client.explain import Explainer
 from fedfin.client.scoring import Scorer
 from fedfin.common.errors import ConfigError, DataError
-from tests.conftest import TrainedBank, run_bank_command, score_table
+from tests.conftest import TrainedBank, bank_command, run_bank_command, score_table
 
 
 def _score(bank: TrainedBank, frame: pd.DataFrame, tmp_path: Path, *extra: str) -> pd.DataFrame:
@@ -108,17 +108,7 @@ def test_columns_follow_the_rules_serve_shares(
     change(bank.applications.head(3)).to_csv(data, index=False)  # type: ignore[operator]
 
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
-        run_bank_command(
-            "score",
-            "--state-dir",
-            bank.state_dir,
-            "--encoder",
-            bank.encoder_dir,
-            "--data",
-            data,
-            "--out",
-            tmp_path / "o.csv",
-        )
+        run_bank_command(*bank_command("score", bank, data, tmp_path / "o.csv"))
     assert not (tmp_path / "o.csv").exists()
 
 
