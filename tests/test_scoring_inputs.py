@@ -118,15 +118,5 @@ def test_scores_never_overwrite_the_applications(bank: TrainedBank, tmp_path: Pa
     before = data.read_bytes()
 
     with pytest.raises(ConfigError, match="is --data"):
-        run_bank_command(
-            "score",
-            "--state-dir",
-            bank.state_dir,
-            "--encoder",
-            bank.encoder_dir,
-            "--data",
-            data,
-            "--out",
-            tmp_path / "." / "applications.csv",
-        )
+        run_bank_command(*bank_command("score", bank, data, tmp_path / "." / "applications.csv"))
     assert data.read_bytes() == before
