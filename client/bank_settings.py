@@ -30,6 +30,7 @@ _POLICY_KEYS = {
     "secagg-min-banks": "secagg_min_banks",
     "distributed-dp": "distributed_dp",
     "distributed-dp-accounting": "distributed_dp_accounting",
+    "distributed-dp-server-budget": "distributed_dp_server_budget",
 }
 
 

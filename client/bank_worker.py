@@ -34,10 +34,15 @@ from fedfin.client.dp_releases import (
 )
 from fedfin.client.release import array_sha256, record_release
 from fedfin.common.accounting import DpEvent, epsilon_spent, merged_history
+from fedfin.common.config import PrivacyPolicy
 from fedfin.common.distributed_dp import (
-    DISTRIBUTED_DP,
-    aggregate_view_events,
-    distributed_dp_record,
+    AGAINST_SERVER,
+    AGGREGATE,
+    FACTS,
+    distributed_dp_facts,
+    server_view_events,
+    sum_event,
+    with_epsilons,
 )
 from fedfin.common.errors import DataError, PrivacyBudgetError
 from fedfin.common.metrics import credit_metrics
@@ -138,26 +143,41 @@ def train_round(
         settings.validation_fraction,
     )
     model = bank_model(settings, state, instructions, encoder, source_head)
+    share_banks = _noise_share_banks(settings, instructions, secure_round)
     with state.ledger.reserved():  # approval and charge: one exclusive step per state dir
+        entries = state.ledger.entries()
         charged = state.ledger.dp_events()
         extras = _optional_releases(settings, state, charged)
-        approved = approve_round(state, policy, instructions, run_id, [*charged, *extras.values()])
+        approved = approve_round(
+            state,
+            policy,
+            instructions,
+            run_id,
+            [*charged, *extras.values()],
+            noise_share_banks=share_banks,
+            server_past=[*server_view_events(entries), *extras.values()] if share_banks else None,
+        )
+        events = [*extras.values(), approved.charged]
+        facts = (
+            _distributed_facts(policy, approved, secure_round, entries, events)
+            if secure_round is not None and policy.distributed_dp
+            else None
+        )
         charge = record_release(
             state,
             settings,
             run_id,
             instructions.server_round,
             CHARGE,
-            [*extras.values(), approved.plan.event()],
+            events,
             approved.epsilon_after,
             {},
             {},
             instructions.federation_id,
-            extra={"received_sha256": encoder_sha256(encoder)},
-        )
-    if secure_round is not None and policy.distributed_dp:
-        _record_distributed_dp(
-            state, settings, instructions, run_id, approved, charge, secure_round
+            extra={
+                "received_sha256": encoder_sha256(encoder),
+                **({FACTS: facts} if facts is not None else {}),
+            },
         )
     generator = _round_generator(settings, instructions, run_id, int(charge["seq"]))
     metrics: dict[str, float | int] = {EPSILON: approved.epsilon_after}
@@ -198,11 +218,18 @@ def train_round(
     state.save_head(model, instructions.schema.fingerprint)
     entry = _record_train(state, settings, instructions, run_id, arrays, metrics, charge)
     log.info(
-        "%s round %d: %d DP steps, σ=%.3f, ε %.4f -> %.4f of %.4f%s",
+        "%s round %d: %d DP steps, σ=%.3f%s, ε %.4f -> %.4f of %.4f%s",
         settings.name,
         instructions.server_round,
         approved.plan.total_steps,
         approved.plan.noise_multiplier,
+        (
+            f" (a share of σ={approved.charged.noise_multiplier:.3f} over "
+            f"{approved.noise_share_banks} banks; ε against the server "
+            f"{approved.epsilon_against_server:.4f})"
+            if approved.noise_share_banks
+            else ""
+        ),
         approved.epsilon_before,
         approved.epsilon_after,
         policy.epsilon_budget,
@@ -244,46 +271,54 @@ def _optional_releases(
     return chosen
 
 
-def _record_distributed_dp(
-    state: BankState,
-    settings: BankSettings,
-    instructions: RoundInstructions,
-    run_id: int,
-    approved: "ApprovedRound",
-    charge: Mapping[str, Any],
-    secure_round: SecureRound,
-) -> dict[str, Any]:
-    """The round's distributed-DP statement: trust assumption and both guarantees.
-
-    No DP event of its own (the charge has the round's). The budget stays charged for the
-    bank's own noise: see common/distributed_dp.py for why.
-    """
+def _noise_share_banks(
+    settings: BankSettings, instructions: RoundInstructions, secure_round: SecureRound | None
+) -> int | None:
+    """K, when this round's noise may be a share σ/√K: only the bank's own opt-in
+    ("aggregate" accounting), a secure round its own mod verified, and mode fedsgd."""
     policy = settings.policy
-    record = distributed_dp_record(
-        approved.plan.event(),
+    if secure_round is None or not policy.aggregate_accounting:
+        return None
+    if instructions.plan.mode != "fedsgd":
+        log.info(
+            "%s: distributed DP adds a noise share only in mode fedsgd (the server asked "
+            "'%s'); this round adds the full noise and is charged for it",
+            settings.name,
+            instructions.plan.mode,
+        )
+        return None
+    return policy.secagg_min_banks
+
+
+def _distributed_facts(
+    policy: PrivacyPolicy,
+    approved: "ApprovedRound",
+    secure_round: SecureRound,
+    entries: list[dict[str, Any]],
+    events: list[DpEvent],
+) -> dict[str, Any]:
+    """The round's distributed-DP facts for its charge: trust assumption, both guarantees.
+
+    With a noise share the budget is charged for the K-bank sum (`approved.charged`) and the
+    bank's own share is the against-server event; otherwise the bank's full noise is both
+    what it adds and what it is charged for, and the sum figure is a statement only.
+    """
+    own = approved.plan.event()
+    if approved.noise_share_banks:
+        local, summed, enforced = own, approved.charged, AGGREGATE
+    else:
+        local, summed, enforced = own, sum_event(own, policy.secagg_min_banks), AGAINST_SERVER
+    facts = distributed_dp_facts(
+        local,
+        summed,
         policy.secagg_min_banks,
         secure_round.threshold,
         secure_round.banks,
-        int(charge["seq"]),
+        enforced,
     )
-    with_this = [*state.ledger.entries(), {"kind": DISTRIBUTED_DP, **record}]
-    record["distributed_dp"]["epsilon_against_server"] = approved.epsilon_after
-    record["distributed_dp"]["epsilon_against_aggregate"] = epsilon_spent(
-        aggregate_view_events(with_this), policy.delta, policy.accountant
-    )
-    return record_release(
-        state,
-        settings,
-        run_id,
-        instructions.server_round,
-        DISTRIBUTED_DP,
-        [],
-        approved.epsilon_after,
-        {},
-        {},
-        instructions.federation_id,
-        extra=record,
-    )
+    if approved.noise_share_banks:
+        facts["server_budget"] = policy.distributed_dp_server_budget
+    return with_epsilons(facts, entries, events, policy.delta, policy.accountant)
 
 
 def _record_train(

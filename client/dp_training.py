@@ -54,7 +54,9 @@ class DpStepPlan:
     sample_rate: float
     learning_rate: float
     head_steps: int  # fedrep only: steps on the head with the encoder frozen
-    steps: int  # full: steps on everything; fedrep: steps on the encoder, head frozen
+    # full: steps on everything; fedrep: steps on the encoder, head frozen; fedsgd: one
+    # plain SGD step on the encoder, head frozen (the release is -lr/B·(clipped sum + noise))
+    steps: int
     proximal_mu: float = 0.0  # FedProx: pull the encoder towards the received one
 
     @property
@@ -96,6 +98,8 @@ def train_with_dp(
     phases: list[tuple[nn.Module, int]]
     if plan.mode == "fedrep":
         phases = [(model.head, plan.head_steps), (model.encoder, plan.steps)]
+    elif plan.mode == "fedsgd":
+        phases = [(model.encoder, plan.steps)]
     else:
         phases = [(model, plan.steps)]
     dataset = as_dataset(data)
@@ -136,7 +140,11 @@ def _run_phase(
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in wanted)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
+    optimizer: torch.optim.Optimizer
+    if plan.mode == "fedsgd":  # linear in the noisy sum: what distributed DP's shares need
+        optimizer = torch.optim.SGD(params, lr=plan.learning_rate)
+    else:
+        optimizer = torch.optim.Adam(params, lr=plan.learning_rate)
     criterion = nn.BCEWithLogitsLoss(reduction="none")  # per-example losses: clipping needs them
     clipped = ClippedGradients(model)
     dp_optimizer = ClippedSumOptimizer(

@@ -32,7 +32,12 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedfin.common.accounting import DpEvent, merged_history
-from fedfin.common.distributed_dp import DISTRIBUTED_DP, aggregate_view_events
+from fedfin.common.distributed_dp import (
+    DISTRIBUTED_DP,
+    aggregate_view_events,
+    distributed_rounds,
+    server_view_events,
+)
 from fedfin.common.errors import ConfigError
 from fedfin.common.ledger import GENESIS_HASH, LEDGER_FILE, PrivacyLedger, events_of
 from fedfin.common.ledger_anchors import LedgerAnchor
@@ -102,9 +107,12 @@ class BankAudit:
     duplicate_problems: list[str] = field(default_factory=list)  # same ledger or bank twice
     first_entry_hash: str | None = None  # one ledger's identity: copies share it
     # Distributed DP (common/distributed_dp.py): rounds whose sum carried K banks' noise
-    # shares, and ε (PLD) of the whole ledger against a recipient of such sums only.
+    # shares; ε (PLD) of the whole ledger against a recipient of such sums only, and against
+    # a server that broke secure aggregation (above the enforced ε where a bank added shares).
     distributed_rounds: int = 0
+    aggregate_charged_rounds: int = 0
     epsilon_against_aggregate: float | None = None
+    epsilon_against_server: float | None = None
 
     @property
     def remaining(self) -> float | None:
@@ -207,11 +215,20 @@ def audit_state_dir(state_dir: Path, anchors: list[LedgerAnchor] | None = None) 
     audit.epsilon_recorded = float(entries[-1].get("epsilon_cumulative", 0.0))
     audit.epsilon_pld = dp_accounting_epsilon(all_events, audit.delta, "pld")
     audit.epsilon_rdp = dp_accounting_epsilon(all_events, audit.delta, "rdp")
-    audit.distributed_rounds = sum(e.get("kind") == DISTRIBUTED_DP for e in entries)
+    audit.distributed_rounds = distributed_rounds(entries)
     if audit.distributed_rounds:
+        audit.aggregate_charged_rounds = sum(
+            e.get("kind") != DISTRIBUTED_DP and e["distributed_dp"].get("enforced") == "aggregate"
+            for e in entries
+            if isinstance(e.get("distributed_dp"), dict)
+        )
         audit.epsilon_against_aggregate = dp_accounting_epsilon(
             aggregate_view_events(entries), audit.delta, "pld"
         )
+        audit.epsilon_against_server = dp_accounting_epsilon(
+            server_view_events(entries), audit.delta, "pld"
+        )
+        audit.problems += _server_view_problems(entries, audit.delta)
     audit.curve = [  # one point per training release: ε only moves when the bank trains
         (i + 1, int(e.get("server_round", 0)), float(e["epsilon_cumulative"]))
         for i, e in enumerate(entries)
@@ -402,6 +419,40 @@ def _has_dp_events(entry: dict[str, Any]) -> bool:
         if isinstance(steps, int | float) and not isinstance(steps, bool) and steps > 0:
             return True
     return False
+
+
+def _server_view_problems(entries: list[dict[str, Any]], delta: float) -> list[str]:
+    """The last aggregate-charged round: its recorded ε against the server, recomputed from
+    the ledger up to it, neither understated nor above the server budget it states."""
+    last = max(
+        (
+            index
+            for index, entry in enumerate(entries)
+            if isinstance(entry.get("distributed_dp"), dict)
+            and entry["distributed_dp"].get("enforced") == "aggregate"
+        ),
+        default=None,
+    )
+    if last is None:
+        return []
+    facts = entries[last]["distributed_dp"]
+    independent = dp_accounting_epsilon(
+        server_view_events(entries[: last + 1]), delta, "pld", _CHECKPOINT_DISCRETIZATION
+    )
+    recorded = float(facts.get("epsilon_against_server", 0.0))
+    problems = []
+    if understates(recorded, independent):
+        problems.append(
+            f"understated ε against the server at line {last + 1}: recorded {recorded:.4f}, "
+            f"independent PLD {independent:.4f}"
+        )
+    budget = float(facts.get("server_budget", 0.0))
+    if understates(budget, independent):
+        problems.append(
+            f"ε against the server {independent:.4f} at line {last + 1} exceeds the "
+            f"distributed-dp-server-budget {budget} the round states"
+        )
+    return problems
 
 
 def _checkpoints(entries: list[dict[str, Any]]) -> list[int]:

@@ -9,8 +9,11 @@ from typing import Any, Literal
 
 from fedfin.common.errors import ConfigError
 
-FineTuneMode = Literal["full", "fedrep"]
-FINE_TUNE_MODES: tuple[FineTuneMode, ...] = ("full", "fedrep")
+# full: DP steps on encoder + head; fedrep: head steps, then encoder steps; fedsgd: one DP
+# SGD step on the encoder per round, head frozen (linear in one noisy sum: the mode in which
+# distributed DP's noise shares add up, see common/distributed_dp.py).
+FineTuneMode = Literal["full", "fedrep", "fedsgd"]
+FINE_TUNE_MODES: tuple[FineTuneMode, ...] = ("full", "fedrep", "fedsgd")
 StrategyName = Literal["fedavg", "fedadam", "fedprox", "fedtrimmedavg"]
 STRATEGY_NAMES: tuple[StrategyName, ...] = ("fedavg", "fedadam", "fedprox", "fedtrimmedavg")
 
@@ -85,7 +88,7 @@ class PretrainConfig:
             raise ConfigError(f"holdout fraction must be in (0, 0.9), got {self.holdout_fraction}")
 
 
-DISTRIBUTED_DP_ACCOUNTING = ("conservative",)
+DISTRIBUTED_DP_ACCOUNTING = ("conservative", "aggregate")
 
 
 @dataclass(frozen=True)
@@ -121,12 +124,15 @@ class PrivacyPolicy:
     # Secure aggregation (docs/secure-aggregation.md): K, the fewest banks whose sum this
     # bank lets the server learn; a round whose reconstruction threshold is lower is refused.
     secagg_min_banks: int = 2
-    # Opt-in distributed DP: in a secure round the bank's noise σ_b is a share σ/√K of the
-    # noise σ = √K·σ_b on a sum of K banks; its ledger states both guarantees. The budget is
-    # charged for σ_b ("conservative": what a server that broke secure aggregation sees);
-    # "aggregate" (charged for σ) is refused: see common/distributed_dp.py.
+    # Opt-in distributed DP (docs/secure-aggregation.md): in a verified secure round the
+    # ledger states what the bank's noise guarantees against a recipient of K-bank sums.
+    # "conservative": the bank adds its full noise and is charged for it (a statement only).
+    # "aggregate": in `fedsgd` rounds only, the bank adds a share σ/√K, is charged for the
+    # σ its K-bank sum carries, and the ε a server that broke secure aggregation would get
+    # is bounded by `distributed_dp_server_budget` (required, at least `epsilon_budget`).
     distributed_dp: bool = False
     distributed_dp_accounting: str = "conservative"
+    distributed_dp_server_budget: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon_budget < float("inf"):
@@ -168,17 +174,24 @@ class PrivacyPolicy:
                 raise ConfigError(f"{key} must be at least 0.5, got {value}")
         if not 2 <= self.secagg_min_banks <= 1000:
             raise ConfigError(f"secagg-min-banks must be in [2, 1000], got {self.secagg_min_banks}")
-        if self.distributed_dp_accounting == "aggregate":
-            raise ConfigError(
-                "distributed-dp-accounting 'aggregate' is refused: fedfin's rounds (several "
-                "Adam steps, a private head) do not add the banks' noise shares into one "
-                "Gaussian of σ·√K, so only the bank's own noise is a proven budget"
-            )
         if self.distributed_dp_accounting not in DISTRIBUTED_DP_ACCOUNTING:
             raise ConfigError(
                 f"distributed-dp-accounting must be one of {DISTRIBUTED_DP_ACCOUNTING}, "
                 f"got '{self.distributed_dp_accounting}'"
             )
+        if self.aggregate_accounting and not (
+            self.epsilon_budget <= self.distributed_dp_server_budget < float("inf")
+        ):
+            raise ConfigError(
+                "distributed-dp-accounting 'aggregate' needs distributed-dp-server-budget: "
+                "the most ε this bank accepts if secure aggregation is broken, at least "
+                f"epsilon-budget ({self.epsilon_budget}); got {self.distributed_dp_server_budget}"
+            )
+
+    @property
+    def aggregate_accounting(self) -> bool:
+        """Charged for the K-bank sum's noise in fedsgd secure rounds (both keys opted in)."""
+        return self.distributed_dp and self.distributed_dp_accounting == "aggregate"
 
     @property
     def batches_per_epoch(self) -> int:

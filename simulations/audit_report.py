@@ -82,12 +82,7 @@ def audit_table(audits: list[BankAudit]) -> str:
     ]
     for a in audits:
         if a.epsilon_against_aggregate is not None:
-            lines.append(
-                f"{a.bank}: distributed DP in {a.distributed_rounds} round(s): ε against the "
-                f"server if secure aggregation were broken {_fmt(a.epsilon_recorded)} (enforced); "
-                f"against a recipient of K-bank sums only {_fmt(a.epsilon_against_aggregate)} "
-                "(PLD; proven for one linear DP step per round, not for multi-step rounds)"
-            )
+            lines.append(distributed_line(a))
         lines += [f"{a.bank}: {problem}" for problem in a.all_problems]
         if a.anchors_checked == 0:
             lines.append(
@@ -95,6 +90,24 @@ def audit_table(audits: list[BankAudit]) -> str:
                 "against the server's record (did it reply under another name?)"
             )
     return "\n".join(lines)
+
+
+def distributed_line(a: BankAudit) -> str:
+    """Both guarantees of a bank's distributed-DP rounds, and which one its budget holds."""
+    shares = a.aggregate_charged_rounds
+    enforced = (
+        f"{shares} of them charged for the K-bank sum's noise (the bank added a share σ/√K; "
+        "fedsgd, one linear step)"
+        if shares
+        else "each charged for the bank's own full noise"
+    )
+    return (
+        f"{a.bank}: distributed DP in {a.distributed_rounds} round(s), {enforced}: ε against a "
+        f"recipient of K-bank sums only {_fmt(a.epsilon_against_aggregate)}"
+        f"{'' if shares else ' (proven for fedsgd rounds only)'}; against the server if "
+        f"secure aggregation were broken {_fmt(a.epsilon_against_server)} "
+        "(PLD, from the ledger alone)"
+    )
 
 
 def audit_json(audits: list[BankAudit]) -> dict[str, Any]:

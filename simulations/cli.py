@@ -324,7 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=FINE_TUNE_MODES,
         default="full",
-        help="full: encoder + head each step; fedrep: head steps, then encoder steps",
+        help="full: encoder + head each step; fedrep: head steps, then encoder steps; "
+        "fedsgd: one DP SGD step on the encoder per round, head frozen",
+    )
+    sim.add_argument(
+        "--distributed-dp",
+        action="store_true",
+        help="with --secure-aggregation and --mode fedsgd: each bank adds a noise share "
+        "σ/√K and is charged for the K-bank sum's σ (K: a majority of the banks; "
+        "docs/secure-aggregation.md)",
+    )
+    sim.add_argument(
+        "--server-epsilon",
+        type=_float_in("--server-epsilon", 1000.0),
+        help="with --distributed-dp: the most ε each bank accepts if secure aggregation is "
+        "broken (its distributed-dp-server-budget; at least --epsilon)",
     )
     sim.add_argument(
         "--local-epochs",
@@ -668,12 +682,39 @@ def _audit_outputs(args: argparse.Namespace, state_dirs: list[Path]) -> tuple[Pa
     return plot, ""
 
 
+def _distributed_dp_policy(args: argparse.Namespace) -> dict[str, Any]:
+    """The banks' distributed-DP policy keys for `--distributed-dp`, or none."""
+    from fedfin.common.secure_aggregation import majority_threshold
+
+    if not args.distributed_dp:
+        if args.server_epsilon is not None:
+            raise ConfigError("--server-epsilon is only used with --distributed-dp")
+        return {}
+    if not args.secure_aggregation or args.mode != "fedsgd":
+        raise ConfigError(
+            "--distributed-dp needs --secure-aggregation and --mode fedsgd: a noise share is "
+            "only sound when the server sees a sum of one linear step per bank"
+        )
+    if args.server_epsilon is None:
+        raise ConfigError(
+            "--distributed-dp needs --server-epsilon: the most ε each bank accepts if "
+            "secure aggregation is broken"
+        )
+    return {
+        "distributed_dp": True,
+        "distributed_dp_accounting": "aggregate",
+        "distributed_dp_server_budget": args.server_epsilon,
+        "secagg_min_banks": max(2, majority_threshold(args.banks)),
+    }
+
+
 def _run_simulate(args: argparse.Namespace) -> int:
     from fedfin.common.config import FederationConfig, PrivacyPolicy, SplitConfig, TrainPlanConfig
     from fedfin.simulations.report_table import bank_table
     from fedfin.simulations.simulate import SimulationRequest, simulate
 
     source = _source_from(args)
+    distributed = _distributed_dp_policy(args)
     request = SimulationRequest(
         source=source,
         split=SplitConfig(num_banks=args.banks, seed=args.seed),
@@ -694,6 +735,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
             delta=args.delta,
             max_grad_norm=args.max_grad_norm,
             min_noise_multiplier=args.min_noise,
+            **distributed,
         ),
         out_dir=args.out,
         encoder_dir=args.encoder,

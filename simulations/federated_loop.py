@@ -199,6 +199,8 @@ def train_round_without_dp(
     q = settings.policy.sample_rate  # the step counts of client/budget.py
     batch_size = max(1, round(q * rows))
     steps = max(1, math.ceil(min(plan.local_epochs, settings.policy.max_local_epochs) / q - 1e-9))
+    if plan.mode == "fedsgd":
+        steps = 1
     head_steps = (
         math.ceil(min(plan.head_epochs, settings.policy.max_local_epochs) / q - 1e-9)
         if plan.mode == "fedrep"
@@ -207,6 +209,8 @@ def train_round_without_dp(
     phases: list[tuple[nn.Module, int]] = (
         [(model.head, head_steps), (model.encoder, steps)]
         if plan.mode == "fedrep"
+        else [(model.encoder, steps)]
+        if plan.mode == "fedsgd"
         else [(model, steps)]
     )
     generator = torch.Generator().manual_seed(
@@ -220,7 +224,11 @@ def train_round_without_dp(
         wanted = {id(p) for p in trainable.parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(id(parameter) in wanted)
-        optimizer = torch.optim.Adam(trainable.parameters(), lr=plan.learning_rate)
+        optimizer = (
+            torch.optim.SGD(trainable.parameters(), lr=plan.learning_rate)
+            if plan.mode == "fedsgd"
+            else torch.optim.Adam(trainable.parameters(), lr=plan.learning_rate)
+        )
         for _ in range(count):
             numeric, categorical, target = next(batches)
             optimizer.zero_grad()

@@ -15,7 +15,6 @@ from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-from fedfin.client.bank_settings import settings_from_node_config
 from fedfin.client.bank_state import BankState
 from fedfin.client.client_app import build_client_app
 from fedfin.client.release import array_sha256
@@ -69,9 +68,12 @@ def _grid(data: list[Path], tmp_path: Path, n: int, drop=None, **policy: object)
 
 
 def _train_messages(
-    checkpoint: EncoderCheckpoint, nodes: list[int], federation: str = FEDERATION
+    checkpoint: EncoderCheckpoint,
+    nodes: list[int],
+    federation: str = FEDERATION,
+    plan: TrainPlanConfig | None = None,
 ) -> list[Message]:
-    plan, schema, model = TrainPlanConfig(), checkpoint.schema, checkpoint.model_config
+    plan, schema, model = plan or TrainPlanConfig(), checkpoint.schema, checkpoint.model_config
     config = RoundInstructions(1, 1, plan, schema, model, federation_id=federation).to_config()
     content = RecordDict(
         {ARRAYS: to_array_record(checkpoint.arrays), "config": ConfigRecord(config)}  # type: ignore[arg-type]
@@ -262,10 +264,10 @@ def test_trimmed_mean_with_secure_aggregation_is_refused_in_one_line(
     assert "fedtrimmedavg" in err and "secure-aggregation" in err
 
 
-def test_distributed_dp_records_its_trust_assumption_and_both_guarantees(
+def test_conservative_distributed_dp_states_both_guarantees_and_is_charged_its_own_noise(
     checkpoint: EncoderCheckpoint, bank_data: list[Path], tmp_path: Path
 ) -> None:
-    """K = 2 from the banks' own node config; the budget stays charged for the bank's noise."""
+    """K = 2 from the banks' own node config; a multi-step round: statement only."""
     grid = _grid(bank_data, tmp_path, 2, **{"distributed-dp": True, "secagg-min-banks": 2})
     nodes = list(grid.contexts)
     result = secure_train_round(grid, _train_messages(checkpoint, nodes), 1, 0, CLIP, None)
@@ -273,11 +275,9 @@ def test_distributed_dp_records_its_trust_assumption_and_both_guarantees(
 
     state_dir = Path(str(grid.contexts[101].node_config["state-dir"]))
     entries = BankState(state_dir).ledger.entries()
-    kinds = [e["kind"] for e in entries]
-    assert kinds == ["charge", "distributed-dp", "train", "secagg-masked"]  # before sending
-    charge, statement = entries[0], entries[1]
-    facts = statement["distributed_dp"]
-    assert statement["dp_events"] == [] and statement["charge_seq"] == charge["seq"]
+    assert [e["kind"] for e in entries] == ["charge", "train", "secagg-masked"]
+    charge = entries[0]
+    facts = charge["distributed_dp"]  # in the charge itself: fsync'ed before training
     assert (
         facts["min_banks"] == 2
         and facts["threshold"] == 2
@@ -291,7 +291,7 @@ def test_distributed_dp_records_its_trust_assumption_and_both_guarantees(
         local["noise_multiplier"] * 2**0.5
     )
     # Against the server (secure aggregation broken): what the budget was charged.
-    assert facts["epsilon_against_server"] == charge["epsilon_cumulative"]
+    assert facts["epsilon_against_server"] == pytest.approx(charge["epsilon_cumulative"])
     # Against a recipient of the sum only: the same steps at σ·√2, recomputed here.
     sum_only = DpEvent(**{**local, "noise_multiplier": local["noise_multiplier"] * 2**0.5})
     expected = epsilon_spent([sum_only], charge["delta"], "rdp")
@@ -299,26 +299,71 @@ def test_distributed_dp_records_its_trust_assumption_and_both_guarantees(
     assert facts["epsilon_against_aggregate"] < 0.8 * facts["epsilon_against_server"]
 
     audit = audit_state_dir(state_dir)  # from the ledger alone, with dp-accounting's PLD
-    assert audit.ok and audit.distributed_rounds == 1
+    assert audit.ok and audit.distributed_rounds == 1 and audit.aggregate_charged_rounds == 0
     tight = epsilon_spent([sum_only], charge["delta"], "prv")  # the bank here used RDP
     assert audit.epsilon_against_aggregate == pytest.approx(tight, rel=0.05)
     own = epsilon_spent([DpEvent(**local)], charge["delta"], "prv")
     assert audit.epsilon_pld == pytest.approx(own, rel=0.05)
-    assert audit.epsilon_against_aggregate < 0.8 * audit.epsilon_pld
-    assert "distributed DP in 1 round(s)" in audit_table([audit])
+    assert audit.epsilon_against_server == pytest.approx(audit.epsilon_pld)
+    assert "distributed DP in 1 round(s), each charged for the bank's own" in audit_table([audit])
 
     # The same bank in a plain round adds its full noise and states nothing distributed.
     plain = _train_messages(checkpoint, [101], federation="plain-federation")
     grid.send_and_receive(plain)
-    assert [e["kind"] for e in BankState(state_dir).ledger.entries()][4:] == ["charge", "train"]
+    assert [e["kind"] for e in BankState(state_dir).ledger.entries()][3:] == ["charge", "train"]
 
 
-def test_a_bank_cannot_charge_distributed_dp_at_the_sum_s_noise() -> None:
-    with pytest.raises(ConfigError, match="'aggregate' is refused") as refused:
-        settings_from_node_config(
-            {"data-path": "d", "state-dir": "s", "distributed-dp-accounting": "aggregate"}
-        )
-    assert "\n" not in str(refused.value)
+def test_a_fedsgd_bank_adds_a_noise_share_and_is_charged_for_the_sum_only_in_a_secure_round(
+    checkpoint: EncoderCheckpoint, bank_data: list[Path], tmp_path: Path
+) -> None:
+    """3 banks, each with K = 3 and aggregate accounting; the server asks fedsgd."""
+    policy = {
+        "distributed-dp": True,
+        "distributed-dp-accounting": "aggregate",
+        "distributed-dp-server-budget": 6.0,
+        "secagg-min-banks": 3,
+    }
+    grid = _grid(bank_data, tmp_path, 3, **policy)
+    nodes = list(grid.contexts)
+    fedsgd = TrainPlanConfig(mode="fedsgd", learning_rate=0.5)
+    messages = _train_messages(checkpoint, nodes, plan=fedsgd)
+    result = secure_train_round(grid, messages, 1, 3, CLIP, None)
+    assert result.failure is None and result.contributors == 3
+
+    state_dir = Path(str(grid.contexts[101].node_config["state-dir"]))
+    entries = BankState(state_dir).ledger.entries()
+    assert [e["kind"] for e in entries] == ["charge", "train", "secagg-masked"]
+    charge = entries[0]
+    facts = charge["distributed_dp"]
+    (charged,) = charge["dp_events"]  # one step, at the noise the 3-bank sum carries
+    assert charged["steps"] == 1 and facts["enforced"] == "aggregate"
+    assert facts["sum_event"] == charged and facts["server_budget"] == 6.0
+    share = facts["local_event"]["noise_multiplier"]
+    assert share == pytest.approx(charged["noise_multiplier"] / 3**0.5)
+    assert share >= 0.5  # the bank's own noise keeps the policy's floor
+    assert charge["epsilon_cumulative"] == pytest.approx(
+        epsilon_spent([DpEvent(**charged)], charge["delta"], "rdp")
+    )
+    assert charge["epsilon_cumulative"] < facts["epsilon_against_server"] <= 6.0
+    audit = audit_state_dir(state_dir)
+    assert audit.ok and audit.aggregate_charged_rounds == 1
+    # the bank's RDP figure bounds dp-accounting's tight PLD one from above
+    against_server = facts["epsilon_against_server"]
+    assert 0.6 * against_server < audit.epsilon_against_server <= against_server
+    assert audit.epsilon_against_server > 1.2 * audit.epsilon_pld
+    assert "1 of them charged for the K-bank sum's noise" in audit_table([audit])
+
+    # A plain fedsgd round (no verified secure setup): full noise, charged as such.
+    plain = _train_messages(checkpoint, [101], federation="plain-federation", plan=fedsgd)
+    grid.send_and_receive(plain)
+    plain_charge = BankState(state_dir).ledger.entries()[3]
+    assert plain_charge["kind"] == "charge" and "distributed_dp" not in plain_charge
+    # A secure round in another mode: the bank adds its full noise (conservative facts).
+    messages = _train_messages(checkpoint, nodes, federation="full-federation")
+    assert secure_train_round(grid, messages, 1, 3, CLIP, None).failure is None
+    full_charge = [e for e in BankState(state_dir).ledger.entries() if e["kind"] == "charge"][-1]
+    assert full_charge["distributed_dp"]["enforced"] == "against-server"
+    assert full_charge["distributed_dp"]["local_event"] == full_charge["dp_events"][0]
 
 
 def test_masks_use_the_whole_seed_where_flowers_generator_uses_32_bits() -> None:
