@@ -75,6 +75,7 @@ POLICY_KEYS = frozenset(
         "secagg-min-banks",
         "distributed-dp",
         "distributed-dp-accounting",
+        "distributed-dp-server-budget",
     }
 )
 STATUS_OK = "ok"

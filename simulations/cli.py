@@ -713,8 +713,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
     from fedfin.simulations.report_table import bank_table
     from fedfin.simulations.simulate import SimulationRequest, simulate
 
+    distributed = _distributed_dp_policy(args)  # before any data is read
     source = _source_from(args)
-    distributed = _distributed_dp_policy(args)
     request = SimulationRequest(
         source=source,
         split=SplitConfig(num_banks=args.banks, seed=args.seed),

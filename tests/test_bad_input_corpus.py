@@ -254,6 +254,27 @@ def _bank_table(ws: Workspace, change: Callable[[pd.DataFrame], pd.DataFrame]) -
 
 # (name, argv builder, expected exit code, words the one line must contain)
 CLI_CASES: list[tuple[str, Callable[[Workspace], list[str]], int, str]] = [
+    (
+        "distributed DP without secure aggregation",
+        _simulate("--mode", "fedsgd", "--distributed-dp", "--server-epsilon", "8"),
+        2,
+        "--distributed-dp needs --secure-aggregation and --mode fedsgd",
+    ),
+    (
+        "distributed DP without a server budget",
+        _simulate("--secure-aggregation", "--mode", "fedsgd", "--distributed-dp"),
+        2,
+        "--distributed-dp needs --server-epsilon",
+    ),
+    (
+        "a server budget below the budget",
+        _simulate(
+            *("--secure-aggregation", "--mode", "fedsgd", "--distributed-dp"),
+            *("--epsilon", "2", "--server-epsilon", "1"),
+        ),
+        2,
+        "distributed-dp-server-budget",
+    ),
     ("missing file", _pretrain("/no/such/loans.csv"), 2, "file not found"),
     ("empty file", _pretrain_on(lambda ws: _bytes(ws, "empty.csv", b"")), 2, "empty"),
     ("directory as data", _pretrain_on(lambda ws: ws.data), 2, "directory"),
