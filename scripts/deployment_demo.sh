@@ -15,6 +15,8 @@
 #           (the deployment tests use the live deployment this way)
 #   ROUNDS=N (environment): server rounds, default 2
 #   RUN_CONFIG="key=value ..." (environment): more run config, e.g. "secure-aggregation=true"
+#   BANK_CONFIG="key = value; ..." (environment): more [bank] keys for every bank's runner,
+#           e.g. "distributed-dp = true; distributed-dp-accounting = \"aggregate\""
 # Every process it starts is stopped on exit, by PID; their PIDs are in WORK_DIR/pids.
 set -euo pipefail
 work="$(mkdir -p "$1" && cd "$1" && pwd)"
@@ -157,6 +159,7 @@ for bank in "${banks[@]}"; do
             echo "delta = 1e-5"
             echo "max-grad-norm = 1.0"
             echo "min-noise-multiplier = 0.5"
+            if [ -n "${BANK_CONFIG:-}" ]; then echo "$BANK_CONFIG" | tr ';' '\n' | sed 's/^ *//'; fi
         } >"$runner/runner.toml"
     )
     start "$work/supernode-$bank.log" flower-supernode \
