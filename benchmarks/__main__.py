@@ -22,16 +22,30 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import communication, dp_speed, privacy_utility, privacy_utility_map, scaling
+from benchmarks import (
+    communication,
+    distributed_dp,
+    dp_speed,
+    privacy_utility,
+    privacy_utility_map,
+    scaling,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 BENCHMARKS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (privacy_utility, dp_speed, communication, scaling, privacy_utility_map)
+    for module in (
+        privacy_utility,
+        dp_speed,
+        communication,
+        scaling,
+        privacy_utility_map,
+        distributed_dp,
+    )
 }
-# Run only when named: the map takes about an hour of one core.
-OPT_IN = (privacy_utility_map.NAME,)
+# Run only when named: the map takes about an hour of one core, distributed DP half that.
+OPT_IN = (privacy_utility_map.NAME, distributed_dp.NAME)
 DEFAULT = tuple(name for name in BENCHMARKS if name not in OPT_IN)
 VERSIONED = (
     "fedfin", "torch", "opacus", "flwr", "ray", "numpy", "pandas", "scikit-learn",

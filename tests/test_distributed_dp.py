@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedfin.client.bank_settings import settings_from_node_config
+from fedfin.client.bank_settings import BankSettings, settings_from_node_config
 from fedfin.client.bank_state import BankState
+from fedfin.client.bank_worker import _noise_share_banks
 from fedfin.client.budget import BudgetSpentError, approve_round
 from fedfin.client.dp_training import DpStepPlan, train_with_dp
 from fedfin.common.accounting import DpEvent, epsilon_spent
@@ -23,6 +24,7 @@ from fedfin.common.distributed_dp import (
 )
 from fedfin.common.errors import ConfigError, PrivacyBudgetError
 from fedfin.common.protocol import RoundInstructions
+from fedfin.common.secure_aggregation import SecureRound
 from tests.conftest import Pretrained
 
 AGGREGATE_POLICY = {
@@ -89,6 +91,26 @@ def test_a_noise_share_is_refused_outside_fedsgd(
         approve_round(
             BankState(tmp_path), policy, _instructions(checkpoint, "full"), 1, [], 4
         )
+
+
+def test_only_the_bank_s_own_opt_in_a_verified_secure_round_and_fedsgd_give_a_share(
+    checkpoint: EncoderCheckpoint,
+) -> None:
+    aggregate = PrivacyPolicy(**AGGREGATE_POLICY)  # type: ignore[arg-type]
+    conservative = PrivacyPolicy(
+        **{**AGGREGATE_POLICY, "distributed_dp_accounting": "conservative"}  # type: ignore[arg-type]
+    )
+    secure = SecureRound(threshold=4, banks=5)
+
+    def share(policy: PrivacyPolicy, mode: str, round_: SecureRound | None) -> int | None:
+        settings = BankSettings("b", Path("d"), Path("s"), policy)
+        return _noise_share_banks(settings, _instructions(checkpoint, mode), round_)
+
+    assert share(aggregate, "fedsgd", secure) == 4  # K is the bank's, not the round's
+    assert share(aggregate, "full", secure) is None  # multi-step: full noise
+    assert share(aggregate, "fedrep", secure) is None
+    assert share(aggregate, "fedsgd", None) is None  # no setup the bank's mod verified
+    assert share(conservative, "fedsgd", secure) is None
 
 
 def test_the_server_view_swaps_only_aggregate_charged_rounds() -> None:

@@ -322,6 +322,7 @@ def test_a_fedsgd_bank_adds_a_noise_share_and_is_charged_for_the_sum_only_in_a_s
         "distributed-dp-accounting": "aggregate",
         "distributed-dp-server-budget": 6.0,
         "secagg-min-banks": 3,
+        "min-noise-multiplier": 1.0,  # the share's floor; also keeps the audit's PLD quick
     }
     grid = _grid(bank_data, tmp_path, 3, **policy)
     nodes = list(grid.contexts)
@@ -340,7 +341,7 @@ def test_a_fedsgd_bank_adds_a_noise_share_and_is_charged_for_the_sum_only_in_a_s
     assert facts["sum_event"] == charged and facts["server_budget"] == 6.0
     share = facts["local_event"]["noise_multiplier"]
     assert share == pytest.approx(charged["noise_multiplier"] / 3**0.5)
-    assert share >= 0.5  # the bank's own noise keeps the policy's floor
+    assert share >= 1.0  # the bank's own noise keeps the policy's floor
     assert charge["epsilon_cumulative"] == pytest.approx(
         epsilon_spent([DpEvent(**charged)], charge["delta"], "rdp")
     )
@@ -358,12 +359,6 @@ def test_a_fedsgd_bank_adds_a_noise_share_and_is_charged_for_the_sum_only_in_a_s
     grid.send_and_receive(plain)
     plain_charge = BankState(state_dir).ledger.entries()[3]
     assert plain_charge["kind"] == "charge" and "distributed_dp" not in plain_charge
-    # A secure round in another mode: the bank adds its full noise (conservative facts).
-    messages = _train_messages(checkpoint, nodes, federation="full-federation")
-    assert secure_train_round(grid, messages, 1, 3, CLIP, None).failure is None
-    full_charge = [e for e in BankState(state_dir).ledger.entries() if e["kind"] == "charge"][-1]
-    assert full_charge["distributed_dp"]["enforced"] == "against-server"
-    assert full_charge["distributed_dp"]["local_event"] == full_charge["dp_events"][0]
 
 
 def test_masks_use_the_whole_seed_where_flowers_generator_uses_32_bits() -> None:
