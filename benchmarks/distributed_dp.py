@@ -298,6 +298,7 @@ def summarise(
                 ("distributed_minus_fedfin", "s_distributed", "d_fedfin"),
                 ("distributed_minus_public", "s_distributed", "a_public"),
                 ("local_minus_fedfin", "s_local", "d_fedfin"),
+                ("local_minus_public", "s_local", "a_public"),
                 ("fedfin_minus_public", "d_fedfin", "a_public"),
             ):
                 entry[name] = t_interval(
@@ -345,6 +346,11 @@ def headline(result: dict[str, Any]) -> str:
         for e in rows
         if _above_zero(e["distributed_minus_public"])
     ]
+    below_public = [
+        f"{e['rows']:,}×{e['banks']} ε {e['epsilon']} ({e['distributed_minus_public'][0]:+.4f})"
+        for e in rows
+        if _above_zero([-e["distributed_minus_public"][0], e["distributed_minus_public"][1]])
+    ]
     fedsgd_over_fedfin = [
         f"{e['rows']:,}×{e['banks']} ε {e['epsilon']} ({e['local_minus_fedfin'][0]:+.4f})"
         for e in rows
@@ -355,7 +361,8 @@ def headline(result: dict[str, Any]) -> str:
         f"{result['seeds']}): distributed DP beats local DP fedsgd at "
         f"{', '.join(wins) or 'no cell'}; beats fedfin's default local-DP rounds at "
         f"{', '.join(over_fedfin) or 'no cell'}; beats the public model at "
-        f"{', '.join(over_public) or 'no cell'}. fedsgd with local DP alone beats fedfin's "
+        f"{', '.join(over_public) or 'no cell'}, and loses to it at "
+        f"{', '.join(below_public) or 'no cell'}. fedsgd with local DP alone beats fedfin's "
         f"default rounds at {', '.join(fedsgd_over_fedfin) or 'no cell'} (95% intervals "
         "above 0, paired by seed)."
     )
@@ -379,9 +386,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "| loans × banks | ε | public | fedfin (local DP) | fedsgd local DP | fedsgd distributed "
         "| fedsgd no DP | distributed − local | distributed − fedfin | distributed − public "
-        "| fedsgd local − fedfin | σ added: local / share (charged) "
+        "| fedsgd local − public | fedsgd local − fedfin | σ added: local / share (charged) "
         "| ε charged / against server |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in result["summary"]:
         lines.append(
@@ -390,6 +397,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(e['s_nonprivate'])} | {_fmt(e['distributed_minus_local'], True)} | "
             f"{_fmt(e['distributed_minus_fedfin'], True)} | "
             f"{_fmt(e['distributed_minus_public'], True)} | "
+            f"{_fmt(e['local_minus_public'], True)} | "
             f"{_fmt(e['local_minus_fedfin'], True)} | "
             f"{e['s_local_sigma_added']:.3f} / {e['s_distributed_sigma_added']:.3f} "
             f"({e['s_distributed_sigma_charged']:.3f}) | "

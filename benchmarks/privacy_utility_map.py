@@ -902,8 +902,9 @@ def _underspent(summary: Sequence[dict[str, Any]]) -> list[str]:
         "",
         "ε spent well under the budget in " + ", ".join(cells) + ": there σ is not set by the "
         "budget but by the policy's floor σ = 0.5, or (1M loans, ε 1) by "
-        "`common.accounting.calibrate_noise_multiplier`, whose RDP bracket returns σ = 0.797 "
-        "where the PRV accountant allows about 0.69: these cells are noisier than their ε needs.",
+        "`fedfin.common.accounting.calibrate_noise_multiplier`, whose RDP bracket returns "
+        "σ = 0.797 where the PRV accountant allows about 0.69: these cells are noisier than "
+        "their ε needs.",
     ]
 
 
