@@ -46,12 +46,13 @@ from benchmarks.privacy_utility_map import (
     _banks,
     _pretrain,
     _seed,
+    cell_policy,
     model_of,
     t_interval,
     train_method,
 )
 from fedfin.common.accounting import DpEvent
-from fedfin.common.config import PrivacyPolicy, TrainPlanConfig
+from fedfin.common.config import TrainPlanConfig
 from fedfin.common.errors import PrivacyBudgetError
 from fedfin.common.lending_club_generator import LendingClubGenerator
 from fedfin.common.protocol import RoundInstructions
@@ -112,14 +113,12 @@ def fedsgd_method(
     shape = recipe.for_bank(rows)
     rounds = recipe.rounds * shape["steps_per_round"]  # the map's DP steps, one a round
     shares = len(banks) if method == "s_distributed" else None
-    policy = PrivacyPolicy(
-        epsilon_budget=float(column) if column != NON_PRIVATE else 1.0,
-        delta=shape["delta"],
-        max_grad_norm=recipe.max_grad_norm,
-        sample_rate=shape["sample_rate"],
+    policy = cell_policy(
+        recipe,
+        rows,
+        column,
         min_planned_rounds=min(3, rounds),
         max_planned_rounds=max(100, rounds),
-        accountant=recipe.accountant,
         distributed_dp=shares is not None,
         distributed_dp_accounting="aggregate" if shares else "conservative",
         distributed_dp_server_budget=SERVER_BUDGET if shares else 0.0,

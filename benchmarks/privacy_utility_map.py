@@ -298,6 +298,21 @@ def _adam_steps(
         optimizer.step()
 
 
+def cell_policy(recipe: Recipe, rows: int, column: str, **overrides: Any) -> PrivacyPolicy:
+    """A bank's policy in a cell: its ε column (1 for non-private runs, which never ask),
+    the size's δ and sample rate, the recipe's clip and accountant."""
+    shape = recipe.for_bank(rows)
+    settings: dict[str, Any] = {
+        "epsilon_budget": float(column) if column != NON_PRIVATE else 1.0,
+        "delta": shape["delta"],
+        "max_grad_norm": recipe.max_grad_norm,
+        "sample_rate": shape["sample_rate"],
+        "min_planned_rounds": min(3, recipe.rounds),
+        "accountant": recipe.accountant,
+    }
+    return PrivacyPolicy(**{**settings, **overrides})
+
+
 def train_method(
     method: str,
     column: str,
@@ -311,14 +326,7 @@ def train_method(
     """d (federated) or c (alone) at one ε column: each bank's test AUC and ε spent."""
     shape = recipe.for_bank(rows)
     private = column != NON_PRIVATE
-    policy = PrivacyPolicy(
-        epsilon_budget=float(column) if private else 1.0,
-        delta=shape["delta"],
-        max_grad_norm=recipe.max_grad_norm,
-        sample_rate=shape["sample_rate"],
-        min_planned_rounds=min(3, recipe.rounds),
-        accountant=recipe.accountant,
-    )
+    policy = cell_policy(recipe, rows, column)
     plan = TrainPlanConfig(
         local_epochs=shape["epochs_per_round"],
         batch_size=shape["expected_batch"],
