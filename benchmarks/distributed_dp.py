@@ -79,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(NAME)
     group.add_argument("--ddp-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     group.add_argument("--ddp-quick", action="store_true", help="a tiny smoke test")
+    group.add_argument(
+        "--ddp-cells",
+        nargs="+",
+        metavar="ROWSxBANKS",
+        help=f"these cells instead of {' '.join(f'{r}x{b}' for r, b in CELLS)}",
+    )
 
 
 @dataclass
@@ -202,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     quick = bool(args.ddp_quick)
     recipe = QUICK_RECIPE if quick else Recipe()
-    cells = QUICK_CELLS if quick else CELLS
+    cells = QUICK_CELLS if quick else _cells(args.ddp_cells) if args.ddp_cells else CELLS
     columns = ("8",) if quick else COLUMNS
     seeds = [0] if quick else list(args.ddp_seeds)
     records: list[dict[str, Any]] = []
@@ -271,6 +277,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summarise(records, cells, columns),
         "compute_seconds": round(time.perf_counter() - began, 1),
     }
+
+
+def _cells(texts: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    cells = []
+    for text in texts:
+        rows, _, banks = text.partition("x")
+        if not rows.isdigit() or not banks.isdigit() or int(banks) < 2:
+            raise SystemExit(f"--ddp-cells: '{text}' is not ROWSxBANKS, e.g. 100000x5")
+        cells.append((int(rows), int(banks)))
+    return tuple(cells)
 
 
 def _mean_of(record: dict[str, Any], method: str, column: str, key: str = "auc") -> float:
