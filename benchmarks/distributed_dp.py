@@ -22,6 +22,7 @@ sum is taken in the clear here; its cost is in benchmarks/results/secure_aggrega
 """
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -398,6 +399,20 @@ def markdown(result: dict[str, Any]) -> str:
         f"{recipe['server_learning_rate']} on the mean release; K = every bank of the cell "
         "(threshold = all banks). Seeds "
         f"{result['seeds']}; compute {result['compute_seconds']} s.",
+        *(
+            [
+                "- Runs, merged with `--ddp-merge`: "
+                + "; ".join(
+                    f"`{run['command']}` (commit {run['git_commit']}"
+                    f"{' + uncommitted changes' if run['git_dirty'] else ''}, "
+                    f"{run['compute_seconds']} s)"
+                    for run in result["runs"]
+                )
+                + "."
+            ]
+            if result.get("runs")
+            else []
+        ),
         "",
         "| loans × banks | ε | public | fedfin (local DP) | fedsgd local DP | fedsgd distributed "
         "| fedsgd no DP | distributed − local | distributed − fedfin | distributed − public "
@@ -433,9 +448,53 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write(result: dict[str, Any], path: Path) -> None:
-    import json
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of other cells with the same recipe, ε columns and seeds; each
+    run's command, commit and time are kept under "runs"."""
+    first = results[0]
+    for other in results[1:]:
+        for key in ("recipe_map", "columns", "seeds", "quick"):
+            mine = first["recipe"]["map_recipe"] if key == "recipe_map" else first[key]
+            theirs = other["recipe"]["map_recipe"] if key == "recipe_map" else other[key]
+            if mine != theirs:
+                raise SystemExit(f"--ddp-merge: the runs differ in {key}; not merged")
+    runs = [
+        run
+        for r in results
+        for run in r.get("runs")
+        or [
+            {
+                "command": r["command"],
+                "git_commit": r["environment"]["git_commit"],
+                "git_dirty": r["environment"]["git_dirty"],
+                "compute_seconds": r["compute_seconds"],
+                "finished": r["finished"],
+                "cells": r["cells"],
+            }
+        ]
+    ]
+    cells = [cell for r in results for cell in r["cells"]]
+    records = [record for r in results for record in r["records"]]
+    recipe = {
+        **first["recipe"],
+        "fedsgd_rounds": {k: v for r in results for k, v in r["recipe"]["fedsgd_rounds"].items()},
+        "by_size": {k: v for r in results for k, v in r["recipe"]["by_size"].items()},
+    }
+    return {
+        **first,
+        "cells": cells,
+        "recipe": recipe,
+        "records": records,
+        "summary": summarise(records, cells, first["columns"]),
+        "compute_seconds": round(sum(run["compute_seconds"] for run in runs), 1),
+        "wall_seconds": round(sum(run["compute_seconds"] for run in runs), 1),
+        "command": "; ".join(run["command"] for run in runs),
+        "finished": max(run["finished"] for run in runs),
+        "runs": runs,
+    }
 
+
+def _write(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     path.with_suffix(".md").write_text("# Distributed DP\n\n" + markdown(result) + "\n")
@@ -453,8 +512,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed_dp")
     add_arguments(parser)
     parser.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results)")
+    parser.add_argument(
+        "--ddp-merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="only merge these results (same recipe and seeds, other cells) into --out",
+    )
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.ddp_merge:
+        merged = merge_results([json.loads(p.read_text()) for p in args.ddp_merge])
+        _write(merged, args.out or RESULT_FILE)
+        print(markdown(merged))
+        return 0
     result = run(args)
     result["command"] = shlex.join(["python", "-m", "benchmarks.distributed_dp", *argv])
     result["environment"] = environment()

@@ -1002,6 +1002,10 @@ def markdown(result: dict[str, Any]) -> str:
         "column of a cell.",
         *_underspent(summary),
         "",
+        "Distributed DP under secure aggregation against local DP, and a one-step-per-round "
+        "recipe (`fedsgd`), on these same banks, encoder, test rows and budgets: "
+        "`benchmarks/results/distributed_dp.md` (`python -m benchmarks distributed-dp`).",
+        "",
         "**Worst bank AUC** (mean ± 95% t-interval over seeds of the lowest bank AUC in a cell)",
         "",
         "| loans × banks | ε | a. public | d. fedfin | c. alone (DP) | GBT alone | f. pooled |",
