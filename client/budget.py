@@ -69,6 +69,8 @@ def approve_round(
     """
     if noise_share_banks is not None and instructions.plan.mode != "fedsgd":
         raise PrivacyBudgetError("a noise share is only sound in mode fedsgd (one linear step)")
+    if noise_share_banks is not None and server_past is None:
+        raise PrivacyBudgetError("a noise share needs the history as the server saw it")
     spent = epsilon_spent(past, policy.delta, policy.accountant)
     if spent >= policy.epsilon_budget:
         raise BudgetSpentError(
@@ -106,11 +108,8 @@ def approve_round(
     against_server = None
     if noise_share_banks is not None:
         own = share_event(charged, noise_share_banks)
-        against_server = epsilon_spent(
-            [*(server_past if server_past is not None else past), own],
-            policy.delta,
-            policy.accountant,
-        )
+        assert server_past is not None
+        against_server = epsilon_spent([*server_past, own], policy.delta, policy.accountant)
         if against_server > policy.distributed_dp_server_budget:
             raise BudgetSpentError(
                 f"distributed DP: this round's noise share would bring ε against a server "

@@ -33,7 +33,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedfin.common.accounting import DpEvent, merged_history
 from fedfin.common.distributed_dp import (
-    DISTRIBUTED_DP,
+    FACTS,
+    aggregate_charged,
     aggregate_view_events,
     distributed_rounds,
     server_view_events,
@@ -217,11 +218,7 @@ def audit_state_dir(state_dir: Path, anchors: list[LedgerAnchor] | None = None) 
     audit.epsilon_rdp = dp_accounting_epsilon(all_events, audit.delta, "rdp")
     audit.distributed_rounds = distributed_rounds(entries)
     if audit.distributed_rounds:
-        audit.aggregate_charged_rounds = sum(
-            e.get("kind") != DISTRIBUTED_DP and e["distributed_dp"].get("enforced") == "aggregate"
-            for e in entries
-            if isinstance(e.get("distributed_dp"), dict)
-        )
+        audit.aggregate_charged_rounds = sum(aggregate_charged(e) for e in entries)
         audit.epsilon_against_aggregate = dp_accounting_epsilon(
             aggregate_view_events(entries), audit.delta, "pld"
         )
@@ -424,18 +421,10 @@ def _has_dp_events(entry: dict[str, Any]) -> bool:
 def _server_view_problems(entries: list[dict[str, Any]], delta: float) -> list[str]:
     """The last aggregate-charged round: its recorded ε against the server, recomputed from
     the ledger up to it, neither understated nor above the server budget it states."""
-    last = max(
-        (
-            index
-            for index, entry in enumerate(entries)
-            if isinstance(entry.get("distributed_dp"), dict)
-            and entry["distributed_dp"].get("enforced") == "aggregate"
-        ),
-        default=None,
-    )
+    last = max((i for i, entry in enumerate(entries) if aggregate_charged(entry)), default=None)
     if last is None:
         return []
-    facts = entries[last]["distributed_dp"]
+    facts = entries[last][FACTS]
     independent = dp_accounting_epsilon(
         server_view_events(entries[: last + 1]), delta, "pld", _CHECKPOINT_DISCRETIZATION
     )

@@ -112,6 +112,16 @@ def with_epsilons(
     }
 
 
+def aggregate_charged(entry: Mapping[str, Any]) -> bool:
+    """A charge whose budget holds the K-bank sum's noise (the bank added a share)."""
+    facts = entry.get(FACTS)
+    return (
+        entry.get("kind") != DISTRIBUTED_DP
+        and isinstance(facts, Mapping)
+        and facts.get("enforced") == AGGREGATE
+    )
+
+
 def distributed_rounds(entries: Iterable[Mapping[str, Any]]) -> int:
     """How many rounds of this ledger carry distributed-DP facts."""
     return sum(isinstance(e.get(FACTS), Mapping) for e in entries)

@@ -47,7 +47,7 @@ def test_a_noise_share_is_charged_for_the_k_bank_sum_and_keeps_the_floor(
 ) -> None:
     policy = PrivacyPolicy(**AGGREGATE_POLICY)  # type: ignore[arg-type]
     approved = approve_round(
-        BankState(tmp_path), policy, _instructions(checkpoint), 1, [], noise_share_banks=4
+        BankState(tmp_path), policy, _instructions(checkpoint), 1, [], 4, server_past=[]
     )
     sigma = approved.charged.noise_multiplier
     assert approved.plan.steps == 1 and approved.plan.head_steps == 0
@@ -89,8 +89,10 @@ def test_a_noise_share_is_refused_outside_fedsgd(
     policy = PrivacyPolicy(**AGGREGATE_POLICY)  # type: ignore[arg-type]
     with pytest.raises(PrivacyBudgetError, match="only sound in mode fedsgd"):
         approve_round(
-            BankState(tmp_path), policy, _instructions(checkpoint, "full"), 1, [], 4
+            BankState(tmp_path), policy, _instructions(checkpoint, "full"), 1, [], 4, []
         )
+    with pytest.raises(PrivacyBudgetError, match="history as the server saw it"):
+        approve_round(BankState(tmp_path), policy, _instructions(checkpoint), 1, [], 4)
 
 
 def test_only_the_bank_s_own_opt_in_a_verified_secure_round_and_fedsgd_give_a_share(
