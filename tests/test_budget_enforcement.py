@@ -9,7 +9,7 @@ import torch
 
 from fedfin.client.bank_data import load_bank_splits
 from fedfin.client.bank_settings import BankSettings
-from fedfin.client.bank_state import BankState
+from fedfin.client.bank_state import SPLIT_KEY_FILE, BankState
 from fedfin.client.bank_worker import evaluate_round, train_round
 from fedfin.client.dp_training import DpStepPlan, train_with_dp
 from fedfin.client.release import array_sha256
@@ -180,8 +180,12 @@ def test_by_default_no_count_and_no_metric_leaves_the_bank(
 def test_an_opted_in_count_is_noisy_and_charged(
     bank: BankSettings, checkpoint: EncoderCheckpoint
 ) -> None:
-    # A fixed test seed: with a secret one, the noisy count rounds to the true one now and then.
+    # A fixed test seed and split key: with secret ones (the key moves the validation slice,
+    # so the rows and the generator's draws before the count), the noisy count rounds to the
+    # true one now and then.
     counting = replace(bank, policy=replace(bank.policy, release_num_examples=True), noise_seed=11)
+    bank.state_dir.mkdir(parents=True)
+    (bank.state_dir / SPLIT_KEY_FILE).write_bytes(bytes(range(32)))
     reply = _train(counting, checkpoint, 1, 3)
     key = BankState(bank.state_dir).split_key()  # the rows it counts: training, not validation
     splits = load_bank_splits(
